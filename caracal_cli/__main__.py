@@ -1,0 +1,3 @@
+from caracal_cli.cli import app
+
+app(prog_name="caracal")

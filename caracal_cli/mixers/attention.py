@@ -1,0 +1,148 @@
+"""Causal multi-head attention, full (Llama: Touvron et al. 2023, with RoPE: Su et al. 2021) or sliding-window
+(SWA, Beltagy et al. 2020; Caracal inserts one with window 256 after every two MHF layers).
+
+Paths: full attention uses SDPA with `is_causal` (flash attention on CUDA). A sliding window uses
+flex_attention with a block-sparse mask on CUDA, and SDPA with an explicit band mask elsewhere: the same
+function, which tests compare with a naive masked softmax.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caracal_cli.config import ConfigError, ModelConfig
+
+
+def rope_tables(length: int, d_head: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [length, d_head] for rotate-half RoPE."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, device=device, dtype=torch.float32) / d_head)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of x [B, H, L, d_head] by position-dependent angles (cos/sin: [L, d_head])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def band_mask(q_len: int, kv_len: int, window: int | None, device=None) -> torch.Tensor:
+    """Boolean [q_len, kv_len] mask, True where query i (the last q_len of kv_len positions) may see key j:
+    j ≤ i and i − j < window."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _sliding_block_mask(length: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding(b, h, q, k):
+        return (k <= q) & (q - k < window)
+
+    return create_block_mask(sliding, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def attention_path(device: torch.device, window: int | None) -> str:
+    """The kernel used for this device and window: the one place that chooses it."""
+    if window is None:
+        return "sdpa-flash" if device.type == "cuda" else "sdpa"
+    return "flex_attention" if device.type == "cuda" else "sdpa+band-mask"
+
+
+class Attention(nn.Module):
+    """Causal attention over [B, L, D]; `window` None is full attention, an int a sliding window."""
+
+    @dataclass
+    class Config:
+        kind: str = "attention"
+        window: int | None = None
+
+        def validate(self, model: ModelConfig, where: str) -> None:
+            if self.window is not None and self.window < 1:
+                raise ConfigError(f"{where}.window must be >= 1 (or null for full attention), got {self.window}")
+
+    def __init__(self, cfg: Config, model: ModelConfig):
+        super().__init__()
+        self.window = cfg.window
+        self.n_head, self.d_head = model.n_head, model.d_head
+        self.rope = model.pos_emb == "rope"
+        self.rope_theta = model.rope_theta
+        self.qkv = nn.Linear(model.d_model, 3 * model.d_model, bias=False)
+        self.out = nn.Linear(model.d_model, model.d_model, bias=False)
+        self.out.residual_projection = True
+
+    def path(self, device: torch.device) -> str:
+        return attention_path(device, self.window)
+
+    def _rope(self, q, k, start: int):
+        cos, sin = rope_tables(start + q.shape[2], self.d_head, self.rope_theta, q.device)
+        cos, sin = cos[start:], sin[start:]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # 3×[B, H, L, dh]
+        start = 0 if cache is None else cache["pos"]
+        if self.rope:
+            q, k = self._rope(q, k, start)
+        if cache is not None:
+            y = self._attend_cached(q, k, v, cache)
+        elif self.window is None or self.window >= L:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif x.device.type == "cuda":
+            y = _compiled_flex()(q, k, v, block_mask=_sliding_block_mask(L, self.window, str(x.device)))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(L, L, self.window, x.device))
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+    # --- cached decoding: a KV cache; for a window, a ring of the last `window` keys and values ----------
+    def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
+        size = max_len if self.window is None else min(max_len, self.window)
+        shape = (batch, self.n_head, size, self.d_head)
+        return {"pos": 0, "k": torch.zeros(shape, device=device, dtype=dtype),
+                "v": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def _attend_cached(self, q, k, v, cache: dict) -> torch.Tensor:
+        start, T, size = cache["pos"], q.shape[2], cache["k"].shape[2]
+        if self.window is None and start + T > size:
+            raise ValueError(f"attention cache holds {size} positions; asked for {start + T}")
+        # Keys visible to this chunk: what the cache holds (in time order) followed by the new ones.
+        held = min(start, size)
+        order = torch.arange(start - held, start, device=q.device) % size
+        keys = torch.cat([cache["k"][:, :, order], k], dim=2)
+        values = torch.cat([cache["v"][:, :, order], v], dim=2)
+        mask = band_mask(T, held + T, self.window, q.device)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        slots = torch.arange(start, start + T, device=q.device) % size
+        keep = slice(max(0, T - size), T)  # a chunk longer than the ring keeps only its last `size`
+        cache["k"][:, :, slots[keep]] = k[:, :, keep]
+        cache["v"][:, :, slots[keep]] = v[:, :, keep]
+        cache["pos"] = start + T
+        return y
+
+    def extra_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per token of QKᵀ and AV: 4·d per visible key, averaged over positions (a causal
+        mask halves full attention, as llm.c counts)."""
+        w = seq_len if self.window is None else min(self.window, seq_len)
+        # mean over t of min(t+1, w)
+        visible = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+        return 4 * self.n_head * self.d_head * visible

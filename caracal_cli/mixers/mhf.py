@@ -1,0 +1,162 @@
+"""Multi-Head Fourier (MHF) mixer — Caracal (Gan et al., ICML 2026, arXiv 2605.00292).
+
+    x_norm = LayerNorm(CausalConv1d_pre(x))                 depthwise, k=3 ("local inductive bias")
+    x_v    = Linear_v(x)                                    (or of x_norm: `value_from`)
+    x_G    = CausalConv1d_G2(SiLU(Linear_G1(x_norm)))       grouped by head, k=`gate_kernel`
+    y      = Linear_O(TRUNCATE_L(iFFT(FFT(PAD_2L(x_v)) ⊙ FFT(PAD_2L(x_G)))))
+
+i.e. y_t = Σ_{j≤t} v_j ⊙ g_{t−j}: a causal convolution of two data-dependent sequences, O(L log L) by FFT.
+Padding to 2L turns the FFT's circular convolution into a linear one, so no future token leaks in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caracal_cli.config import ConfigError, ModelConfig
+
+
+def causal_fft_conv(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """y[:, t] = Σ_{j≤t} v[:, j] ⊙ g[:, t−j] for v, g of shape [B, L, D]; returns [B, L, D] in v's dtype.
+
+    Runs in float32 (float64 for float64 inputs) whatever the autocast state: bf16 FFTs lose too much over
+    L terms. The transform runs along the last axis of a [B, D, L] view, which cuFFT handles much faster than
+    a strided axis.
+    """
+    L = v.shape[1]
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        vf = torch.fft.rfft(v.transpose(1, 2).to(work), n=2 * L)  # [B, D, L+1] complex
+        gf = torch.fft.rfft(g.transpose(1, 2).to(work), n=2 * L)
+        y = torch.fft.irfft(vf * gf, n=2 * L)[..., :L]  # truncation drops the wrapped-around (future) terms
+    return y.transpose(1, 2).to(v.dtype)
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d over [B, L, C] that sees only the current and past k−1 positions (left padding)."""
+
+    def __init__(self, channels: int, kernel: int, groups: int, bias: bool):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(channels, channels, kernel, groups=groups, bias=bias)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """`state` holds the k−1 inputs before x ([B, k−1, C], cached decoding); it is updated in place."""
+        h = x.transpose(1, 2)  # [B, C, L]
+        if state is None:
+            h = F.pad(h, (self.kernel - 1, 0))
+        else:
+            h = torch.cat([state.transpose(1, 2), h], dim=2)
+            state.copy_(h[:, :, h.shape[2] - (self.kernel - 1):].transpose(1, 2))
+        return self.conv(h).transpose(1, 2)
+
+
+class MHF(nn.Module):
+    """Multi-Head Fourier mixer: [B, L, D] → [B, L, D], causal."""
+
+    @dataclass
+    class Config:
+        kind: str = "mhf"
+        pre_conv: bool = True  # False: the "w/o PC" ablation (x_norm = LayerNorm(x))
+        pre_kernel: int = 3
+        gate: str = "two_stage"  # two_stage | linear (the SSLP ablation: x_G = Linear_G(x_norm))
+        gate_kernel: int = 3  # Conv1d_G2's size (the unofficial reimplementation uses 1)
+        value_from: str = "x"  # x (the slides) | x_norm (the reimplementation and the paper summary)
+        scale: str = "sqrt"  # normalises the causal sum of up to L terms: sqrt (1/√(t+1)) | mean | none
+
+        def validate(self, model: ModelConfig, where: str) -> None:
+            for key in ("pre_kernel", "gate_kernel"):
+                if getattr(self, key) < 1:
+                    raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+            for key, allowed in (("gate", ("two_stage", "linear")), ("value_from", ("x", "x_norm")),
+                                 ("scale", ("sqrt", "mean", "none"))):
+                if getattr(self, key) not in allowed:
+                    raise ConfigError(f"{where}.{key} must be one of {', '.join(allowed)}; "
+                                      f"got {getattr(self, key)!r}")
+
+    def __init__(self, cfg: Config, model: ModelConfig):
+        super().__init__()
+        d = model.d_model
+        self.cfg = cfg
+        self.pre_conv = CausalConv1d(d, cfg.pre_kernel, groups=d, bias=False) if cfg.pre_conv else None
+        self.norm = nn.LayerNorm(d, eps=model.norm_eps)
+        self.value = nn.Linear(d, d, bias=False)
+        self.gate_in = nn.Linear(d, d, bias=False)
+        # Conv1d_G2 mixes the d_head channels of each head (groups = n_head); the linear gate has none.
+        self.gate_conv = (CausalConv1d(d, cfg.gate_kernel, groups=model.n_head, bias=True)
+                          if cfg.gate == "two_stage" else None)
+        self.out = nn.Linear(d, d, bias=False)
+        self.out.residual_projection = True  # scaled init (GPT-2)
+
+    def path(self, device: torch.device) -> str:
+        return "torch.fft (float32)"
+
+    def scale_factors(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
+        """Per-position divisor of the causal sum at positions start..start+length−1, as [length, 1]."""
+        if self.cfg.scale == "none":
+            return None
+        count = torch.arange(start + 1, start + length + 1, device=device, dtype=torch.float32)
+        return (count.sqrt() if self.cfg.scale == "sqrt" else count).unsqueeze(1)
+
+    def streams(self, x: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The value and gate streams x_v, x_G, each [B, L, D]."""
+        h = x if self.pre_conv is None else self.pre_conv(x, None if cache is None else cache["pre"])
+        x_norm = self.norm(h)
+        v = self.value(x if self.cfg.value_from == "x" else x_norm)
+        g = self.gate_in(x_norm)
+        if self.gate_conv is not None:
+            g = self.gate_conv(F.silu(g), None if cache is None else cache["gate"])
+        return v, g
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        if cache is not None:
+            return self._forward_cached(x, cache)
+        v, g = self.streams(x)
+        y = causal_fft_conv(v, g)
+        scale = self.scale_factors(0, x.shape[1], x.device)
+        if scale is not None:
+            y = y / scale.to(y.dtype)
+        return self.out(y)
+
+    # --- cached decoding: keep every past v and g, so a new token costs O(t·d) instead of an FFT ---------
+    def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
+        d = self.value.in_features
+        zeros = lambda n: torch.zeros(batch, n, d, device=device, dtype=dtype)  # noqa: E731
+        return {"pos": 0, "v": zeros(max_len), "g": zeros(max_len),
+                "pre": zeros(self.cfg.pre_kernel - 1), "gate": zeros(self.cfg.gate_kernel - 1)}
+
+    def _forward_cached(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        start, T = cache["pos"], x.shape[1]
+        if start + T > cache["v"].shape[1]:
+            raise ValueError(f"MHF cache holds {cache['v'].shape[1]} positions; asked for {start + T}")
+        v, g = self.streams(x, cache)
+        cache["v"][:, start:start + T] = v
+        cache["g"][:, start:start + T] = g
+        cache["pos"] = start + T
+        if T > 1 and start == 0:  # prefill: the parallel path
+            y = causal_fft_conv(v, g)
+        else:
+            past_v = cache["v"][:, :start + T]
+            past_g = cache["g"][:, :start + T]
+            rows = []
+            for i in range(T):  # y_t = Σ_{j≤t} v_j ⊙ g_{t−j}
+                t = start + i
+                rows.append((past_v[:, :t + 1] * past_g[:, :t + 1].flip(1)).sum(1))
+            y = torch.stack(rows, 1)
+        scale = self.scale_factors(start, T, x.device)
+        if scale is not None:
+            y = y / scale.to(y.dtype)
+        return self.out(y)
+
+    def extra_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per token beyond the weight matmuls: three FFTs of 2L points per channel
+        (2.5·n·log₂n each) and the complex product, spread over the L tokens."""
+        import math
+
+        n = 2 * seq_len
+        d = self.value.in_features
+        return d * (3 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)) / seq_len

@@ -1,0 +1,160 @@
+"""The shared language-model shell: token embedding, pre-norm residual blocks (mixer + MLP), final norm and
+tied output head. Which mixer sits in each block comes from the preset's pattern; the block never asks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caracal_cli.config import ModelConfig
+from caracal_cli.mixers import build_mixer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """SwiGLU: 8/3·d rounded up to a multiple of 128 (Llama's rule; same parameters as a 4·d GELU MLP)."""
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
+    if cfg.mlp == "gelu":
+        return 4 * cfg.d_model
+    return 128 * math.ceil(8 * cfg.d_model / 3 / 128)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = mlp_hidden(cfg)
+        self.gated = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.down.residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, mixer: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixer
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp != "none" else None
+        self.mlp = MLP(cfg) if cfg.mlp != "none" else None
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x), cache)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    """forward(input_ids [B, L]) -> logits [B, L, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.context, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.blocks = nn.ModuleList(
+            Block(build_mixer(cfg.mixers[letter], cfg, f"model.mixers.{letter}"), cfg)
+            for letter in cfg.layer_kinds()
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) for matrices and embeddings, residual output projections scaled by
+        1/√(2·n_layer) so the residual stream's variance does not grow with depth. Mixers with their own
+        init (SSMs) mark their parameters `_no_reinit`."""
+        std = self.config.init_std
+        for module in self.modules():
+            if getattr(module, "_no_reinit", False):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 1
+                nn.init.normal_(module.weight, 0.0, std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            start = 0 if caches is None else _cache_pos(caches)
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            x = x + self.pos_embed(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.head(self.norm(x))
+
+    def init_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list:
+        """One cache per layer for cached decoding: pass it to forward() chunk after chunk."""
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return [block.mixer.init_cache(batch, max_len, device, dtype) for block in self.blocks]
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _cache_pos(caches: list) -> int:
+    return caches[0]["pos"] if isinstance(caches[0], dict) and "pos" in caches[0] else 0
+
+
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    """Build the model a preset describes; build under ``torch.device('meta')`` for a free parameter count."""
+    cfg.validate()
+    return LanguageModel(cfg)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Unique parameters (tied weights once) and the count without token/position embeddings."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embedding = model.embed.weight.numel()
+    if model.pos_embed is not None:
+        embedding += model.pos_embed.weight.numel()
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def flops_per_token(model: LanguageModel, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token at context `seq_len`: 2 per weight in every matmul (blocks and the output
+    head), plus each mixer's own sequence cost (attention ∝ L, FFT ∝ log L). Training is 3× forward."""
+    cfg = model.config
+    weights = count_parameters(model)["non_embedding"] + cfg.vocab_size * cfg.d_model  # the head's matmul
+    matmul = 2.0 * weights
+    mixing = float(sum(block.mixer.extra_flops(seq_len) for block in model.blocks))
+    forward = matmul + mixing
+    return {"matmul": matmul, "mixing": mixing, "forward": forward, "train": 3 * forward}
+
+
+def mixer_paths(model: LanguageModel, device: torch.device) -> dict[str, str]:
+    """Which implementation each mixer kind runs on `device` (for `caracal info` and the first log line)."""
+    paths = {}
+    for block in model.blocks:
+        mixer = block.mixer
+        name = type(mixer).__name__ + (f"(window={mixer.window})" if getattr(mixer, "window", None) else "")
+        paths[name] = mixer.path(device) if hasattr(mixer, "path") else "pytorch"
+    return paths

@@ -1,0 +1,40 @@
+"""Shared test helpers: small model configs, and example configs for every registered mixer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caracal_cli.config import ModelConfig
+
+# Every mixer kind in the registry needs at least one example here: tests parametrize over them, so a new
+# mixer gets causality, shape, dtype, gradient and cache checks for free.
+MIXER_EXAMPLES: dict[str, list[dict]] = {
+    "mhf": [
+        {"kind": "mhf"},
+        {"kind": "mhf", "gate": "linear"},
+        {"kind": "mhf", "pre_conv": False, "value_from": "x_norm", "scale": "mean"},
+        {"kind": "mhf", "gate_kernel": 1, "scale": "none"},
+    ],
+    "attention": [
+        {"kind": "attention"},
+        {"kind": "attention", "window": 5},
+    ],
+}
+
+
+def all_mixer_examples() -> list[tuple[str, dict]]:
+    return [(f"{kind}-{i}", raw) for kind, examples in MIXER_EXAMPLES.items() for i, raw in enumerate(examples)]
+
+
+def small_model_config(**overrides) -> ModelConfig:
+    """A model small enough for float64 checks in milliseconds."""
+    values = dict(vocab_size=97, d_model=32, n_layer=3, n_head=4, context=64, pattern="FFA",
+                  mixers={"F": {"kind": "mhf"}, "A": {"kind": "attention", "window": 5}})
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,57 @@
+"""The command line: help everywhere, honest 'not built' answers, one-line errors without tracebacks."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from caracal_cli.cli import app
+
+runner = CliRunner()
+COMMANDS = ["prepare", "train", "eval", "ablate", "speed", "generate", "demo", "info"]
+
+
+def test_help_lists_every_subcommand():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_info_reports_a_preset_as_json():
+    result = runner.invoke(app, ["info", "--preset", "large", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert abs(report["params"] / 1e6 - 724) < 0.02 * 724
+    assert report["layers"] == "FFA" * 8 and report["d_head"] == 96
+    assert report["flops_per_token_train"] == 3 * report["flops_per_token_forward"]
+    assert report["paths"]["MHF"].startswith("torch.fft")
+
+
+def test_info_without_preset_lists_presets():
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0
+    names = {row["preset"] for row in json.loads(result.output)}
+    assert {"tiny", "llama-large", "demo"} <= names
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "--preset", "nope"], "unknown preset 'nope'"),
+        (["info", "--preset", "tiny", "--set", "model.n_head=7"], "not divisible"),
+        (["info", "--preset", "tiny", "--set", "model.window"], "must look like key.path=value"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output

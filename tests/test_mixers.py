@@ -1,0 +1,128 @@
+"""Every registered mixer: causal, right shapes and dtypes, gradients everywhere, cached decoding exact.
+Plus the oracles: FFT convolution vs direct convolution, SWA vs naive masked attention, RoPE as a rotation."""
+
+import pytest
+import torch
+
+from caracal_cli.mixers import MIXERS, build_mixer
+from caracal_cli.mixers.attention import Attention, apply_rope, rope_tables
+from caracal_cli.mixers.mhf import causal_fft_conv
+from conftest import MIXER_EXAMPLES, all_mixer_examples, small_model_config
+
+EXAMPLES = all_mixer_examples()
+IDS = [name for name, _ in EXAMPLES]
+RAWS = [raw for _, raw in EXAMPLES]
+
+
+def make(raw, dtype=torch.float64, **model_overrides):
+    return build_mixer(raw, small_model_config(**model_overrides)).to(dtype)
+
+
+def test_every_registered_mixer_has_examples():
+    assert set(MIXERS) <= set(MIXER_EXAMPLES)
+
+
+@pytest.mark.parametrize("raw", RAWS, ids=IDS)
+@pytest.mark.parametrize("pos_emb", ["none", "rope"])
+def test_mixer_is_causal(raw, pos_emb):
+    mixer = make(raw, pos_emb=pos_emb)
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    y = mixer(x)
+    for t in (0, 5, 14):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 10
+        y2 = mixer(x2)
+        torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])  # the future did change something
+
+
+@pytest.mark.parametrize("raw", RAWS, ids=IDS)
+def test_gradients_reach_every_parameter(raw):
+    mixer = make(raw, dtype=torch.float32)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    mixer(x).square().mean().backward()
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("raw", RAWS, ids=IDS)
+def test_bf16_autocast_shapes_and_dtypes(raw):
+    mixer = make(raw, dtype=torch.float32)
+    x = torch.randn(2, 12, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mixer(x)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), mixer(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("raw", RAWS, ids=IDS)
+@pytest.mark.parametrize("prefill", [1, 6])
+def test_cached_decoding_equals_full_forward(raw, prefill):
+    mixer = make(raw, pos_emb="rope")
+    x = torch.randn(2, 14, 32, dtype=torch.float64)
+    full = mixer(x)
+    cache = mixer.init_cache(2, 14, dtype=torch.float64)
+    steps = [mixer(x[:, :prefill], cache)] + [mixer(x[:, t:t + 1], cache) for t in range(prefill, 14)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def direct_causal_conv(v, g):
+    """O(L²) oracle: y_t = Σ_{j≤t} v_j ⊙ g_{t−j}."""
+    L = v.shape[1]
+    y = torch.zeros_like(v)
+    for t in range(L):
+        for j in range(t + 1):
+            y[:, t] += v[:, j] * g[:, t - j]
+    return y
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 33])
+def test_fft_convolution_equals_direct_convolution(length):
+    v, g = torch.randn(2, length, 5, dtype=torch.float64), torch.randn(2, length, 5, dtype=torch.float64)
+    torch.testing.assert_close(causal_fft_conv(v, g), direct_causal_conv(v, g), rtol=1e-12, atol=1e-12)
+
+
+def test_fft_convolution_float32_and_bf16_inputs():
+    v, g = torch.randn(2, 64, 8, dtype=torch.float64), torch.randn(2, 64, 8, dtype=torch.float64)
+    exact = direct_causal_conv(v, g)
+    torch.testing.assert_close(causal_fft_conv(v.float(), g.float()).double(), exact, rtol=1e-4, atol=1e-4)
+    y = causal_fft_conv(v.bfloat16(), g.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - exact).norm() / exact.norm()) < 1e-2
+
+
+def naive_attention(q, k, v, window):
+    """Softmax over an explicit score matrix with −inf outside the causal band."""
+    L = q.shape[2]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    i, j = torch.arange(L).unsqueeze(1), torch.arange(L).unsqueeze(0)
+    allowed = (j <= i) & ((i - j) < window if window else True)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 256])
+def test_attention_equals_naive_masked_attention(window):
+    mixer = make({"kind": "attention", "window": window})
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    B, L, D = x.shape
+    q, k, v = mixer.qkv(x).view(B, L, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = mixer.out(naive_attention(q, k, v, window).transpose(1, 2).reshape(B, L, D))
+    torch.testing.assert_close(mixer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_rope_is_a_relative_rotation():
+    cos, sin = rope_tables(32, 16, 10000.0)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    at = lambda x, p: apply_rope(x, cos[p:p + 1].double(), sin[p:p + 1].double())  # noqa: E731
+    torch.testing.assert_close(at(q, 7).norm(), q.norm())  # a rotation keeps the norm
+    dot = lambda m, n: (at(q, m) * at(k, n)).sum()  # noqa: E731
+    torch.testing.assert_close(dot(9, 3), dot(26, 20), rtol=1e-5, atol=1e-5)  # only m − n matters
+    assert not torch.allclose(dot(9, 3), dot(9, 4))
+
+
+def test_attention_path_is_reported():
+    mixer = make({"kind": "attention", "window": 8})
+    assert isinstance(mixer, Attention)
+    assert mixer.path(torch.device("cpu")) == "sdpa+band-mask"
+    assert mixer.path(torch.device("cuda")) == "flex_attention"

@@ -1,0 +1,104 @@
+"""Whole models: the paper's parameter table, every preset builds, causality, gradients, cached decoding,
+and training stability at short and long context."""
+
+import pytest
+import torch
+
+from caracal_cli.config import list_presets, load_preset
+from caracal_cli.model import build_model, count_parameters, flops_per_token
+from conftest import small_model_config
+
+# Millions of parameters in the paper's table (GPT-2 vocabulary, tied embeddings).
+PAPER_PARAMS = {
+    "tiny": 63, "small": 120, "medium": 345, "large": 724,
+    "llama-tiny": 64, "llama-small": 124, "llama-medium": 360, "llama-large": 757,
+}
+
+
+def meta_model(name):
+    with torch.device("meta"):
+        return build_model(load_preset(name).model)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_parameter_counts_match_the_paper_within_2_percent(name):
+    total = count_parameters(meta_model(name))["total"] / 1e6
+    assert abs(total - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.02, total
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_builds_on_the_meta_device(name):
+    model = meta_model(name)
+    config = load_preset(name).model
+    assert len(model.blocks) == config.n_layer
+    flops = flops_per_token(model, config.context)
+    assert flops["forward"] > 2 * count_parameters(model)["non_embedding"]
+
+
+PATTERNS = {
+    "caracal": dict(pattern="FFA"),
+    "llama": dict(pattern="A", mixers={"A": {"kind": "attention"}}, pos_emb="rope"),
+    "caracal-learned-pe": dict(pattern="FFA", pos_emb="learned"),
+    "caracal-gelu": dict(pattern="FFFFFA", n_layer=6, mlp="gelu"),
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_model_is_causal(name):
+    model = build_model(small_model_config(**PATTERNS[name])).double()
+    ids = torch.randint(0, 97, (2, 24))
+    logits = model(ids)
+    assert logits.shape == (2, 24, 97)
+    ids2 = ids.clone()
+    ids2[:, 11:] = torch.randint(0, 97, (2, 13))
+    torch.testing.assert_close(model(ids2)[:, :11], logits[:, :11], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_model_gradients_reach_every_parameter(name):
+    model = build_model(small_model_config(**PATTERNS[name]))
+    ids = torch.randint(0, 97, (2, 16))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_cached_decoding_equals_full_forward(name):
+    model = build_model(small_model_config(**PATTERNS[name])).double()
+    ids = torch.randint(0, 97, (1, 20))
+    full = model(ids)
+    caches = model.init_caches(1, 20)
+    steps = [model(ids[:, :4], caches)] + [model(ids[:, t:t + 1], caches) for t in range(4, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_bf16_autocast_forward():
+    model = build_model(small_model_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 97, (2, 16)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("length", [512, 8192])
+def test_training_is_stable_at_short_and_long_context(length):
+    """The MHF sums up to L terms: its output scale must not grow with L, and loss must fall at 8K too."""
+    config = small_model_config(context=length, pattern="FFA", vocab_size=64)
+    model = build_model(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    period = torch.randint(0, 64, (37,))
+    ids = period.repeat(length // 37 + 2)[: length + 1].unsqueeze(0)
+    with torch.no_grad():
+        h = model.embed(ids[:, :-1])
+        out = model.blocks[0].mixer(model.blocks[0].norm1(h))
+    assert out.std() < 1.0  # init scale independent of L (√(t+1) normalisation)
+    losses = []
+    for _ in range(8):
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.5, losses
