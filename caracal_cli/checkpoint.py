@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from caracal_cli.config import Config, config_from_dict
+from caracal_cli.config import CaracalError, Config, config_from_dict
 from caracal_cli.fileio import atomic_write, write_json
 
 CONFIG_FILE = "config.yaml"
@@ -32,7 +32,7 @@ STATE_FILE = "trainer.pt"
 META_FILE = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CaracalError):
     pass
 
 
@@ -148,3 +148,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / META_FILE).read_text())
+
+
+def latest_run(runs_dir: str | Path = "runs") -> Path:
+    """The run under `runs_dir` whose newest checkpoint was written last."""
+    root = Path(runs_dir)
+    candidates = [(latest.stat().st_mtime, run) for run in root.glob("*")
+                  if run.is_dir() and (latest := latest_checkpoint(run)) is not None]
+    if not candidates:
+        raise CheckpointError(f"no run with a checkpoint under {root}/ (train one with `caracal train`, "
+                              f"or pass --checkpoint)")
+    return max(candidates)[1]

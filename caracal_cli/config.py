@@ -8,6 +8,7 @@ Every section is a dataclass; unknown keys, wrong types and impossible values ra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -19,7 +20,11 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class CaracalError(ValueError):
+    """A problem with the user's input or files: the CLI prints its message as one line, with no traceback."""
+
+
+class ConfigError(CaracalError):
     """A preset or override that cannot be used; the message names the key and the problem."""
 
 
@@ -187,10 +192,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads 6e-4 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         if not math.isfinite(value):

@@ -44,7 +44,7 @@ def band_mask(q_len: int, kv_len: int, window: int | None, device=None) -> torch
     return mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 

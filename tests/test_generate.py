@@ -1,0 +1,85 @@
+"""Cached generation for every model family, sampling filters, and `caracal generate`."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from caracal_cli.checkpoint import model_state, save_checkpoint, save_run_config
+from caracal_cli.cli import app
+from caracal_cli.config import list_presets, load_preset
+from caracal_cli.generate import filter_logits, generate_ids
+from caracal_cli.model import build_model
+from caracal_cli.tokenizer import train_bpe
+
+DEMO_PRESETS = [name for name in list_presets() if name.endswith("demo")]
+
+
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_cached_decoding_equals_full_forward_for_every_family(preset):
+    config = load_preset(preset, ["model.vocab_size=101"]).model
+    model = build_model(config).eval()
+    ids = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        full = model(ids)
+        caches = model.init_caches(2, 40)
+        steps = [model(ids[:, :7], caches)] + [model(ids[:, t:t + 1], caches) for t in range(7, 40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [[False, False, True, True, True]]
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
+    kept = ~torch.isinf(filter_logits(logits, None, 0.8))
+    assert kept.tolist() == [[True, True, False, False, False]] and probs[0] < 0.8 < probs[:2].sum()
+
+
+def test_greedy_generation_equals_repeated_full_forward():
+    model = build_model(load_preset("demo", ["model.vocab_size=101"]).model).eval()
+    prompt = [5, 17, 3]
+    produced = list(generate_ids(model, prompt, 12, temperature=0))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert produced == ids[3:]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    text = ["To be, or not to be, that is the question. " * 20, "All the world's a stage. " * 20]
+    tokenizer = train_bpe(text, 400)
+    config = load_preset("demo", [f"model.vocab_size={tokenizer.vocab_size}"])
+    model = build_model(config.model)
+    run = tmp_path / "runs" / "demo-run"
+    run.mkdir(parents=True)
+    save_run_config(run, config)
+    tokenizer.save(run)
+    save_checkpoint(run, 1, model_state(model), None, {})
+    return run
+
+
+def test_generate_command_is_repeatable_with_a_seed(run_dir):
+    runner = CliRunner()
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "To be", "--max-new-tokens", "8", "--seed", "3"]
+    first, second = runner.invoke(app, args), runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert first.output == second.output and first.output.startswith("To be")
+
+
+def test_generate_reads_stdin_and_finds_the_newest_run(run_dir, monkeypatch):
+    monkeypatch.chdir(run_dir.parent.parent)
+    result = CliRunner().invoke(app, ["generate", "--max-new-tokens", "4", "--temperature", "0"], input="All the")
+    assert result.exit_code == 0, result.output
+    assert "using the newest run" in result.output and "All the" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "nowhere", "--prompt", "x"], "no such run"),
+    (["--runs-dir", "empty", "--prompt", "x"], "no run with a checkpoint"),
+    (["--prompt-file", "missing.txt"], "prompt file not found"),
+])
+def test_generate_errors_are_one_line(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["generate", *args])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
