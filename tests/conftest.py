@@ -20,6 +20,19 @@ MIXER_EXAMPLES: dict[str, list[dict]] = {
         {"kind": "attention"},
         {"kind": "attention", "window": 5},
     ],
+    "mamba": [
+        {"kind": "mamba"},
+        {"kind": "mamba", "d_state": 4, "d_conv": 2, "expand": 1, "dt_rank": 3, "bias": True, "conv_bias": False},
+    ],
+    "mamba2": [
+        {"kind": "mamba2", "d_state": 8, "headdim": 16, "reference_chunk": 4},
+        {"kind": "mamba2", "d_state": 4, "headdim": 8, "ngroups": 2, "d_conv": 3, "reference_chunk": 5, "bias": True},
+    ],
+    "swh": [
+        {"kind": "swh", "chunk": 4},
+        {"kind": "swh", "width": 16, "heads": 2, "chunk": 3},
+        {"kind": "swh", "rope": False, "chunk": 32},
+    ],
 }
 
 

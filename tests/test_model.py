@@ -12,6 +12,9 @@ from conftest import small_model_config
 PAPER_PARAMS = {
     "tiny": 63, "small": 120, "medium": 345, "large": 724,
     "llama-tiny": 64, "llama-small": 124, "llama-medium": 360, "llama-large": 757,
+    "mamba-tiny": 66, "mamba-small": 129, "mamba-medium": 372, "mamba-large": 793,
+    "mamba2-tiny": 64, "mamba2-small": 125, "mamba2-medium": 357, "mamba2-large": 764,
+    "jamba-tiny": 71, "jamba-small": 138, "jamba-medium": 409, "jamba-large": 866,
 }
 
 

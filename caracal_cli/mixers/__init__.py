@@ -14,11 +14,17 @@ from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig, from_dict
 from caracal_cli.mixers.attention import Attention
+from caracal_cli.mixers.mamba import Mamba
+from caracal_cli.mixers.mamba2 import Mamba2
 from caracal_cli.mixers.mhf import MHF
+from caracal_cli.mixers.swh import SWH
 
 MIXERS: dict[str, type[nn.Module]] = {
     "mhf": MHF,
     "attention": Attention,
+    "mamba": Mamba,
+    "mamba2": Mamba2,
+    "swh": SWH,
 }
 
 
