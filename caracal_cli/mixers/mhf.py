@@ -18,10 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig
+from caracal_cli.mixers import fftconv
 
 
-def causal_fft_conv(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def causal_fft_conv(v: torch.Tensor, g: torch.Tensor, impl: str = "torch") -> torch.Tensor:
     """y[:, t] = Σ_{j≤t} v[:, j] ⊙ g[:, t−j] for v, g of shape [B, L, D]; returns [B, L, D] in v's dtype.
+
+    impl="auto" runs the Triton path of `fftconv.py` where `fftconv.fft_conv_path` allows it (CUDA, bf16/fp16);
+    impl="torch", and every other case, the torch.fft reference below."""
+    if fftconv.fft_conv_path(v.device, v.dtype, v.shape[1], impl) == "triton":
+        return fftconv.causal_fft_conv_fast(v, g)
+    return causal_fft_conv_reference(v, g)
+
+
+def causal_fft_conv_reference(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The exact reference of `causal_fft_conv` on every device.
 
     Runs in float32 (float64 for float64 inputs) whatever the autocast state: bf16 FFTs lose too much over
     L terms. The transform runs along the last axis of a [B, D, L] view, which cuFFT handles much faster than
@@ -67,13 +78,17 @@ class MHF(nn.Module):
         gate_kernel: int = 3  # Conv1d_G2's size (the unofficial reimplementation uses 1)
         value_from: str = "x"  # x (the slides) | x_norm (the reimplementation and the paper summary)
         scale: str = "sqrt"  # normalises the causal sum of up to L terms: sqrt (1/√(t+1)) | mean | none
+        # torch: the exact torch.fft path. auto: the Triton kernels of fftconv.py on CUDA for bf16/fp16 (not yet
+        # timed or checked on a GPU, hence opt-in) | fast: those kernels or an error.
+        fft_impl: str = "torch"
 
         def validate(self, model: ModelConfig, where: str) -> None:
             for key in ("pre_kernel", "gate_kernel"):
                 if getattr(self, key) < 1:
                     raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
             for key, allowed in (("gate", ("two_stage", "linear")), ("value_from", ("x", "x_norm")),
-                                 ("scale", ("sqrt", "mean", "none"))):
+                                 ("scale", ("sqrt", "mean", "none")),
+                                 ("fft_impl", ("auto", "torch", "fast"))):
                 if getattr(self, key) not in allowed:
                     raise ConfigError(f"{where}.{key} must be one of {', '.join(allowed)}; "
                                       f"got {getattr(self, key)!r}")
@@ -93,6 +108,9 @@ class MHF(nn.Module):
         self.out.residual_projection = True  # scaled init (GPT-2)
 
     def path(self, device: torch.device) -> str:
+        impl = "auto" if self.cfg.fft_impl == "fast" else self.cfg.fft_impl  # "fast" raises in forward, not here
+        if fftconv.fft_conv_path(device, torch.bfloat16, None, impl) == "triton":
+            return f"triton fft-conv (L ≤ {fftconv.MAX_LEN}; torch.fft beyond)"
         return "torch.fft (float32)"
 
     def scale_factors(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -116,7 +134,7 @@ class MHF(nn.Module):
         if cache is not None:
             return self._forward_cached(x, cache)
         v, g = self.streams(x)
-        y = causal_fft_conv(v, g)
+        y = causal_fft_conv(v, g, self.cfg.fft_impl)
         scale = self.scale_factors(0, x.shape[1], x.device)
         if scale is not None:
             y = y / scale.to(y.dtype)
@@ -138,7 +156,7 @@ class MHF(nn.Module):
         cache["g"][:, start:start + T] = g
         cache["pos"] = start + T
         if T > 1 and start == 0:  # prefill: the parallel path
-            y = causal_fft_conv(v, g)
+            y = causal_fft_conv(v, g, self.cfg.fft_impl)
         else:
             past_v = cache["v"][:, :start + T]
             past_g = cache["g"][:, :start + T]

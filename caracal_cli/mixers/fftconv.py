@@ -1,0 +1,396 @@
+"""Fast causal FFT convolution for MHF on CUDA: y[:, t] = Σ_{j≤t} v[:, j] ⊙ g[:, t−j] for [B, L, D] inputs.
+
+The transform is a two-level ("four-step") FFT (Bailey, "FFTs in external or hierarchical memory", 1990)
+whose two levels are small dense DFT matrices applied as matrix products on the tensor cores, the idea of
+Monarch / FlashFFTConv (Fu et al., arXiv 2311.05908), written here for two data-dependent streams in three
+Triton kernels. With the sequence padded to Lp = P·T and position t = n1 + T·n2 (n1 < T, n2 < P):
+
+    analysis   Z[k2, n1] = tw[k2, n1] · Σ_{n2} A[k2, n2] x[n1 + T·n2]        A: [P, P], one per column (n1, c)
+    spectral   W = conj(tw) ⊙ F^H ((F Z_v) ⊙ (F Z_g))                        F: [T, T] along n1, per (k2, c)
+    synthesis  y[n1 + T·n2] = √Lp · Re Σ_{k2} conj(A[k2, n2]) W[k2, n1]
+
+A is an *odd-frequency* DFT of size 2P: frequencies (k + ½)/2Lp of the zero-padded signal (length 2Lp, so
+the circular convolution is a linear one and nothing from the future wraps in). A real signal's odd-frequency
+spectrum pairs bin m with bin 2Lp−1−m as complex conjugates and has no self-paired bin (no DC, no Nyquist),
+so exactly the k2 < P half is kept: Lp complex numbers per channel, one per token, and the real part of the
+half-sum is the inverse. Spectrum order is scrambled (bin k2 + 2P·k1), which the pointwise product ignores.
+
+Backward: dv_j = Σ_{t≥j} dy_t g_{t−j} is the causal convolution of the reversed dy with g, read reversed; so
+the same three stages run with `flip` on the load of dy and the store of dv, dg, and reuse the forward's
+spectra of v and g.
+
+Precision (bf16/fp16 inputs): spectra are stored in bf16 (range-safe); every tensor-core operand is fp16 with
+one scale per channel (its max |·| → 1), so nothing overflows and small channels keep their digits; products
+accumulate in fp32. A float64 emulation of these roundings gives a relative error of ≈3e-3 against float64
+(the bf16 output's own rounding is ≈1.7e-3; fp16 operands without scaling overflow, bf16 ones give ≈6e-3).
+float32 and float64 inputs run the exact torch.fft reference: the kernels' float32 mode (float32 spectra,
+3×tf32 products, ≈3e-7) is kept for testing the kernels' arithmetic, but its tiles need more shared memory
+than an H100 has at P = 128.
+
+`fft_conv_path` is the one place that picks the implementation; `TorchStages` is the same algorithm in plain
+PyTorch (any device and dtype, exact in float64), which the CPU tests compare with the torch.fft reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+MIN_PADDED_LEN = 256  # P = T = 16: tl.dot needs every dimension ≥ 16
+MAX_LEN = 16384  # P = T = 128: the [P, P] and [T, T] DFT matrices fit on chip; longer runs torch.fft
+
+# (P, T) for each padded length: the analysis/synthesis level costs ~4P FLOPs per element and each
+# spectral transform ~8T, so P ≥ T.
+SPLITS = {256: (16, 16), 512: (32, 16), 1024: (32, 32), 2048: (64, 32), 4096: (64, 64), 8192: (128, 64),
+          16384: (128, 128)}
+
+
+def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None = None, impl: str = "auto") -> str:
+    """'triton' or 'torch': the implementation `causal_fft_conv` uses. The one place that decides.
+
+    impl 'torch' forces the reference; 'fast' requires the fast path (raises where it cannot run)."""
+    reason = None
+    if device.type != "cuda":
+        reason = "not a CUDA device"
+    elif not TRITON_AVAILABLE:
+        reason = "triton is not installed"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        reason = f"{dtype} inputs (the exact reference runs them)"
+    elif length is not None and length > MAX_LEN:
+        reason = f"L={length} > {MAX_LEN}"
+    if impl == "torch":
+        return "torch"
+    if reason is not None:
+        if impl == "fast":
+            raise RuntimeError(f"fft_impl=fast cannot run here: {reason}")
+        return "torch"
+    return "triton"
+
+
+def split_for(length: int) -> tuple[int, int]:
+    """(P, T) for a sequence of `length`: padded to the next power of two, at least MIN_PADDED_LEN."""
+    padded = max(MIN_PADDED_LEN, 1 << max(0, length - 1).bit_length())
+    if padded not in SPLITS:
+        raise ValueError(f"no fast FFT split for L={length} (padded {padded}); at most {MAX_LEN}")
+    return SPLITS[padded]
+
+
+@functools.lru_cache(maxsize=64)
+def dft_tables(P: int, T: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Complex A [P(k2), P(n2)] (÷√P), tw [P(k2), T(n1)], F [T(k1), T(n1)] (÷√T), built in float64."""
+    N = 2 * P * T
+    k2 = torch.arange(P, dtype=torch.float64).unsqueeze(1) + 0.5  # odd frequencies
+    n2 = torch.arange(P, dtype=torch.float64).unsqueeze(0)
+    n1 = torch.arange(T, dtype=torch.float64).unsqueeze(0)
+    k1 = torch.arange(T, dtype=torch.float64).unsqueeze(1)
+    A = torch.polar(torch.full((P, P), P ** -0.5, dtype=torch.float64), -2 * math.pi * n2 * k2 / (2 * P))
+    tw = torch.polar(torch.ones(P, T, dtype=torch.float64), -2 * math.pi * n1 * k2 / N)
+    F = torch.polar(torch.full((T, T), T ** -0.5, dtype=torch.float64), -2 * math.pi * k1 * n1 / T)
+    return tuple(m.to(device=device, dtype=dtype) for m in (A, tw, F))
+
+
+class TorchStages:
+    """The three stages in plain PyTorch on complex tensors Z [S·B, P, T, D] (the algorithm's definition)."""
+
+    batch_dim = 0
+
+    def __init__(self, length: int, device, real_dtype: torch.dtype):
+        self.L = length
+        self.P, self.T = split_for(length)
+        cdtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+        self.A, self.tw, self.F = dft_tables(self.P, self.T, str(device), cdtype)
+
+    def analysis(self, xs: list[torch.Tensor], flip: bool) -> torch.Tensor:
+        P, T, L = self.P, self.T, self.L
+        x = torch.cat(xs, 0)
+        x = x.flip(1) if flip else x
+        x = torch.nn.functional.pad(x, (0, 0, 0, P * T - L)).to(self.A.dtype)
+        X = x.view(x.shape[0], P, T, x.shape[2])  # [B, n2, n1, D]
+        return torch.einsum("kn,bnmd->bkmd", self.A, X) * self.tw[:, :, None]
+
+    def spectral(self, za: torch.Tensor, zb: torch.Tensor, zc: torch.Tensor | None = None) -> torch.Tensor:
+        xa = torch.einsum("jn,bknd->bkjd", self.F, za)
+        outs = [torch.einsum("jn,bkjd->bknd", self.F.conj(), xa * torch.einsum("jn,bknd->bkjd", self.F, z))
+                for z in ([zb] if zc is None else [zb, zc])]
+        return torch.cat(outs, 0) * self.tw.conj()[:, :, None]
+
+    def synthesis(self, w: torch.Tensor, flip: bool, dtype: torch.dtype) -> torch.Tensor:
+        P, T = self.P, self.T
+        y = torch.einsum("kn,bkmd->bnmd", self.A.conj(), w).real * math.sqrt(P * T)
+        y = y.reshape(w.shape[0], P * T, w.shape[-1])[:, : self.L]
+        return (y.flip(1) if flip else y).to(dtype)
+
+
+class _MonarchConv(torch.autograd.Function):
+    """Forward: y = synthesis(spectral(Z_v, Z_g)); backward reuses Z_v, Z_g (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, v, g, stages):
+        B = v.shape[0]
+        z = stages.analysis([v, g], flip=False)  # [.., 2B, P, T, D]: v's spectra, then g's
+        zv, zg = z.narrow(stages.batch_dim, 0, B), z.narrow(stages.batch_dim, B, B)
+        ctx.save_for_backward(z)
+        ctx.stages, ctx.dtypes = stages, (v.dtype, g.dtype)
+        return stages.synthesis(stages.spectral(zv, zg), flip=False, dtype=v.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (z,) = ctx.saved_tensors
+        stages, bd = ctx.stages, ctx.stages.batch_dim
+        B = dy.shape[0]
+        zv, zg = z.narrow(bd, 0, B), z.narrow(bd, B, B)
+        zd = stages.analysis([dy], flip=True)
+        need_v, need_g = ctx.needs_input_grad[:2]
+        dv = dg = None
+        if need_v and need_g:  # dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v): one transform of dy
+            both = stages.synthesis(stages.spectral(zd, zg, zv), flip=True, dtype=dy.dtype)
+            dv, dg = both[:B].to(ctx.dtypes[0]), both[B:].to(ctx.dtypes[1])
+        elif need_v:
+            dv = stages.synthesis(stages.spectral(zd, zg), flip=True, dtype=ctx.dtypes[0])
+        elif need_g:
+            dg = stages.synthesis(stages.spectral(zd, zv), flip=True, dtype=ctx.dtypes[1])
+        return dv, dg, None
+
+
+def monarch_causal_conv(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The fast path's algorithm in plain PyTorch, with its custom backward (tests; any device, float64 exact)."""
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return _MonarchConv.apply(v, g, TorchStages(v.shape[1], v.device, work))
+
+
+def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Tensor:
+    """The Triton path: v, g [B, L, D] on CUDA (bf16 or fp16), L ≤ MAX_LEN; returns v's dtype. `tiles` are
+    TritonStages' tile settings (benchmarks)."""
+    if v.dtype != g.dtype:
+        g = g.to(v.dtype)
+    v, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (v, g))
+    return _MonarchConv.apply(v, g, TritonStages(v.shape[1], v.device, v.dtype, **tiles))
+
+
+# --- Triton kernels ------------------------------------------------------------------------------------------
+# Spectra live as real tensors [2 (re, im), S·B, P, T, D]: channel-contiguous rows, like the [B, L, D] input,
+# so every load and store moves whole runs of BLOCK_C channels.
+
+@functools.lru_cache(maxsize=64)
+def _kernel_tables(P: int, T: int, device: str, fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A [2, P, P] and F [2, T, T] (re, im) in the operand dtype, tw [2, P, T] in float32."""
+    A, tw, F = dft_tables(P, T, device, torch.complex128)
+    op = torch.float32 if fp32 else torch.float16
+    return tuple(torch.stack([m.real, m.imag]).to(dtype).contiguous()
+                 for m, dtype in ((A, op), (F, op), (tw, torch.float32)))
+
+
+class TritonStages:
+    """The three stages as Triton kernels; tile settings are keyword arguments (see scripts/bench_fftconv.py)."""
+
+    batch_dim = 1
+
+    def __init__(self, length: int, device, dtype: torch.dtype, block_c: int = 64, block_c2: int = 32,
+                 rows_per_prog: int = 4, warps: tuple[int, int, int] | None = None, stages: int = 3):
+        self.L = length
+        self.P, self.T = split_for(length)
+        self.fp32 = dtype == torch.float32
+        self.zdtype = torch.float32 if self.fp32 else torch.bfloat16
+        self.A, self.F, self.tw = _kernel_tables(self.P, self.T, str(torch.device(device)), self.fp32)
+        self.block_c, self.block_c2 = block_c, block_c2
+        self.rows = rows_per_prog
+        # 8 warps once a program's fp32 tiles pass ~32 KB (registers), else 4
+        self.warps = warps or (8 if self.P * block_c >= 8192 else 4, 8 if self.T * block_c2 >= 4096 else 4,
+                               8 if self.P * block_c >= 8192 else 4)
+        self.stages = stages  # software-pipelining depth of each kernel's loop over rows
+
+    def _rows(self, n: int) -> int:
+        return min(self.rows, n)
+
+    def analysis(self, xs: list[torch.Tensor], flip: bool) -> torch.Tensor:
+        B, L, D = xs[0].shape
+        z = torch.empty(2, len(xs) * B, self.P, self.T, D, device=xs[0].device, dtype=self.zdtype)
+        rows = self._rows(self.T)
+        for s, x in enumerate(xs):
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            grid = (self.T // rows, triton.cdiv(D, self.block_c), B)
+            _analysis_kernel[grid](x, z[:, s * B:], self.A, self.tw, L, D, x.stride(0), x.stride(1), z.stride(0),
+                                   P=self.P, T=self.T, BLOCK_C=self.block_c, ROWS=rows, FLIP=flip, FP32=self.fp32,
+                                   num_warps=self.warps[0], num_stages=self.stages)
+        return z
+
+    def spectral(self, za: torch.Tensor, zb: torch.Tensor, zc: torch.Tensor | None = None) -> torch.Tensor:
+        B, D = za.shape[1], za.shape[-1]
+        two = zc is not None
+        out = torch.empty(2, (2 if two else 1) * B, self.P, self.T, D, device=za.device, dtype=self.zdtype)
+        rows = self._rows(self.P)
+        grid = (self.P // rows, triton.cdiv(D, self.block_c2), B)
+        _spectral_kernel[grid](za, zb, zc if two else zb, out, out[:, B:] if two else out, self.F, self.tw, D,
+                               za.stride(0), zb.stride(0), (zc if two else zb).stride(0), out.stride(0),
+                               P=self.P, T=self.T, BLOCK_C=self.block_c2, ROWS=rows, TWO=two, FP32=self.fp32,
+                               num_warps=self.warps[1], num_stages=self.stages)
+        return out
+
+    def synthesis(self, w: torch.Tensor, flip: bool, dtype: torch.dtype) -> torch.Tensor:
+        SB, D = w.shape[1], w.shape[-1]
+        y = torch.empty(SB, self.L, D, device=w.device, dtype=dtype)
+        rows = self._rows(self.T)
+        grid = (self.T // rows, triton.cdiv(D, self.block_c), SB)
+        _synthesis_kernel[grid](w, y, self.A, self.L, D, w.stride(0), math.sqrt(self.P * self.T),
+                                P=self.P, T=self.T, BLOCK_C=self.block_c, ROWS=rows, FLIP=flip, FP32=self.fp32,
+                                num_warps=self.warps[2], num_stages=self.stages)
+        return y
+
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    # Analysis and synthesis tiles are [channels, P]: the data is the left operand and A the right one, which
+    # the tensor cores read from shared memory. The spectral tiles are [T, channels] with F on the left, so
+    # Hopper's wide instruction (M = 64 per warp group) applies with only 32 channels per program; that
+    # kernel holds three complex tiles at once. Shared-memory and register use per (P, T) were read off
+    # sm_90 builds (no spills; at most 188 KB of shared memory at P = T = 128).
+
+    @triton.jit
+    def _mm(a, b, acc, FP32: tl.constexpr):
+        if FP32:
+            out = tl.dot(a, b, acc, input_precision="tf32x3")
+        else:
+            out = tl.dot(a, b, acc)
+        return out
+
+    @triton.jit
+    def _row_scale(xr, xi):
+        """One scale per row (a channel's sequence), max |·| over re and im (1 for an all-zero row)."""
+        m = tl.maximum(tl.max(tl.abs(xr), axis=1), tl.max(tl.abs(xi), axis=1))
+        return tl.where(m > 0, m, 1.0)[:, None]
+
+    @triton.jit
+    def _analysis_kernel(x_ptr, z_ptr, a_ptr, tw_ptr, L, D, stride_b, stride_t, plane,
+                         P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+                         FLIP: tl.constexpr, FP32: tl.constexpr):
+        """Z[b, k2, n1, c] for ROWS values of n1 and BLOCK_C channels: x[c, n2] @ A^T[n2, k2], then tw."""
+        b = tl.program_id(2).to(tl.int64)  # per-batch bases in int64, offsets inside a tile in int32
+        x_ptr += b * stride_b
+        z_ptr += b * P * T * D
+        k = tl.arange(0, P)  # n2 of the input columns, k2 of the output columns
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = (c < D)[:, None]
+        at_off = k[None, :] * P + k[:, None]  # A transposed: rows n2, columns k2
+        ar = tl.load(a_ptr + at_off)
+        ai = tl.load(a_ptr + P * P + at_off)
+        zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        for i in range(ROWS):
+            n1 = tl.program_id(0) * ROWS + i
+            t = n1 + T * k  # positions n1 + T·n2
+            src = (L - 1 - t) if FLIP else t
+            x = tl.load(x_ptr + (src[None, :] * stride_t + c[:, None]),
+                        mask=(t < L)[None, :] & cmask, other=0.0).to(tl.float32)
+            if FP32:
+                zr = _mm(x, ar, zero, FP32)
+                zi = _mm(x, ai, zero, FP32)
+            else:
+                s = tl.max(tl.abs(x), axis=1)
+                s = tl.where(s > 0, s, 1.0)[:, None]
+                x16 = (x * (1.0 / s)).to(tl.float16)
+                zr = _mm(x16, ar, zero, FP32) * s
+                zi = _mm(x16, ai, zero, FP32) * s
+            twr = tl.load(tw_ptr + k * T + n1)[None, :]
+            twi = tl.load(tw_ptr + P * T + k * T + n1)[None, :]
+            off = (k[None, :] * T + n1) * D + c[:, None]
+            tl.store(z_ptr + off, (zr * twr - zi * twi).to(z_ptr.dtype.element_ty), mask=cmask)
+            tl.store(z_ptr + plane + off, (zr * twi + zi * twr).to(z_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _col_scale(xr, xi):
+        """One scale per column (a channel's sequence), max |·| over re and im (1 for an all-zero column)."""
+        m = tl.maximum(tl.max(tl.abs(xr), axis=0), tl.max(tl.abs(xi), axis=0))
+        return tl.where(m > 0, m, 1.0)[None, :]
+
+    @triton.jit
+    def _dft_cols(fr, fi, zr, zi, FP32: tl.constexpr, INVERSE: tl.constexpr):
+        """F @ z (or conj(F) @ z) for F = fr + i·fi [T, T] and z = zr + i·zi [T, C] float32. Here F is the
+        left operand: M = T = 128 rows keep the tensor cores' wide instruction with few channels per program."""
+        zero = tl.zeros(zr.shape, dtype=tl.float32)
+        if FP32:
+            s = 1.0
+            ur, ui = zr, zi
+        else:
+            s = _col_scale(zr, zi)
+            inv = 1.0 / s
+            ur, ui = (zr * inv).to(tl.float16), (zi * inv).to(tl.float16)
+        # chained accumulators: two live [T, C] products instead of four
+        if INVERSE:  # (fr − i·fi)(ur + i·ui) = (fr·ur + fi·ui) + i(fr·ui − fi·ur)
+            outr = _mm(fi, ui, _mm(fr, ur, zero, FP32), FP32)
+            outi = _mm(fi, -ur, _mm(fr, ui, zero, FP32), FP32)
+        else:  # (fr + i·fi)(ur + i·ui) = (fr·ur − fi·ui) + i(fr·ui + fi·ur)
+            outr = _mm(fi, -ui, _mm(fr, ur, zero, FP32), FP32)
+            outi = _mm(fi, ur, _mm(fr, ui, zero, FP32), FP32)
+        return outr * s, outi * s
+
+    @triton.jit
+    def _spectral_kernel(za_ptr, zb_ptr, zc_ptr, out_ptr, out2_ptr, f_ptr, tw_ptr, D,
+                         plane_a, plane_b, plane_c, plane_o,
+                         P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+                         TWO: tl.constexpr, FP32: tl.constexpr):
+        """For ROWS values of k2 and BLOCK_C channels: W = conj(tw) ⊙ F^H((F Z_a) ⊙ (F Z_b)) along n1
+        (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]."""
+        b = tl.program_id(2).to(tl.int64)
+        n = tl.arange(0, T)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = (c < D)[None, :]
+        f_off = n[:, None] * T + n[None, :]
+        fr = tl.load(f_ptr + f_off)
+        fi = tl.load(f_ptr + T * T + f_off)
+        off = n[:, None] * D + c[None, :]
+        for i in range(ROWS):
+            k2 = tl.program_id(0) * ROWS + i
+            base = (b * P + k2) * T * D  # int64; the offsets inside the tile stay int32
+            za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
+            ar, ai = _dft_cols(fr, fi, tl.load(za + off, mask=cmask, other=0.0).to(tl.float32),
+                               tl.load(za + plane_a + off, mask=cmask, other=0.0).to(tl.float32), FP32, False)
+            br, bi = _dft_cols(fr, fi, tl.load(zb + off, mask=cmask, other=0.0).to(tl.float32),
+                               tl.load(zb + plane_b + off, mask=cmask, other=0.0).to(tl.float32), FP32, False)
+            twr = tl.load(tw_ptr + k2 * T + n)[:, None]
+            twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
+            yr, yi = _dft_cols(fr, fi, ar * br - ai * bi, ar * bi + ai * br, FP32, True)
+            tl.store(out + off, (yr * twr + yi * twi).to(out_ptr.dtype.element_ty), mask=cmask)
+            tl.store(out + plane_o + off, (yi * twr - yr * twi).to(out_ptr.dtype.element_ty), mask=cmask)
+            if TWO:
+                br, bi = _dft_cols(fr, fi, tl.load(zc + off, mask=cmask, other=0.0).to(tl.float32),
+                                   tl.load(zc + plane_c + off, mask=cmask, other=0.0).to(tl.float32), FP32, False)
+                yr, yi = _dft_cols(fr, fi, ar * br - ai * bi, ar * bi + ai * br, FP32, True)
+                tl.store(out2 + off, (yr * twr + yi * twi).to(out_ptr.dtype.element_ty), mask=cmask)
+                tl.store(out2 + plane_o + off, (yi * twr - yr * twi).to(out_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _synthesis_kernel(w_ptr, y_ptr, a_ptr, L, D, plane, scale,
+                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+                          FLIP: tl.constexpr, FP32: tl.constexpr):
+        """y[b, n1 + T·n2, c] = √Lp · Σ_{k2} (Re W[c, k2] Re A[k2, n2] + Im W Im A) for ROWS values of n1."""
+        b = tl.program_id(2).to(tl.int64)
+        w_ptr += b * P * T * D
+        y_ptr += b * L * D
+        k = tl.arange(0, P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = (c < D)[:, None]
+        a_off = k[:, None] * P + k[None, :]  # rows k2, columns n2
+        ar = tl.load(a_ptr + a_off)
+        ai = tl.load(a_ptr + P * P + a_off)
+        zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        for i in range(ROWS):
+            n1 = tl.program_id(0) * ROWS + i
+            off = (k[None, :] * T + n1) * D + c[:, None]
+            wr = tl.load(w_ptr + off, mask=cmask, other=0.0).to(tl.float32)
+            wi = tl.load(w_ptr + plane + off, mask=cmask, other=0.0).to(tl.float32)
+            if FP32:
+                y = _mm(wi, ai, _mm(wr, ar, zero, FP32), FP32) * scale
+            else:
+                s = _row_scale(wr, wi)
+                inv = 1.0 / s
+                y = _mm((wi * inv).to(tl.float16), ai, _mm((wr * inv).to(tl.float16), ar, zero, FP32), FP32)
+                y = y * (s * scale)
+            t = n1 + T * k
+            dst = (L - 1 - t) if FLIP else t
+            tl.store(y_ptr + (dst[None, :] * D + c[:, None]),
+                     y.to(y_ptr.dtype.element_ty), mask=(t < L)[None, :] & cmask)

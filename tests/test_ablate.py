@@ -1,0 +1,94 @@
+"""`caracal ablate` on the demo preset: every variant of both studies trains, evaluates and lands in one
+table; re-runs skip finished variants and resume interrupted ones; a failing variant is reported, not fatal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_loader import make_dataset
+from typer.testing import CliRunner
+
+from caracal_cli import ablate
+from caracal_cli.checkpoint import latest_checkpoint, read_meta
+from caracal_cli.cli import app
+from caracal_cli.config import load_preset
+from caracal_cli.train import train
+
+# The demo preset shrunk so one variant trains in about a second.
+SMALL = ["model.d_model=32", "model.n_layer=6", "model.context=32", "model.vocab_size=512",
+         "model.mixers.A.window=8", "train.micro_batch=4", "train.global_batch_tokens=256",
+         "train.warmup_tokens=256", "train.eval_tokens=512", "train.eval_every=100", "train.log_every=100"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), train_tokens=20_000, val_tokens=2_048)
+
+
+def sets(*items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_both_studies_produce_a_complete_table_and_rerun_from_cache(data, tmp_path):
+    out = tmp_path / "ablate"
+    args = ["ablate", "--size", "demo", "--data", str(data), "--steps", "3", "--out", str(out),
+            "--device", "cpu", *sets(*SMALL)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "ablation.json").read_text())
+    for name, study in ablate.STUDIES.items():
+        rows = report["studies"][name]["rows"]
+        assert [r["variant"] for r in rows] == [v.name for v in study.variants]
+        for row in rows:
+            assert "error" not in row, row
+            assert row["val_loss"] > 0 and row["val_ppl"] > 1 and row["tokens"] == 3 * 256
+            assert row["paper_avg_acc"] == next(v.paper_avg_acc for v in study.variants if v.name == row["variant"])
+    rows = {r["variant"]: r for r in report["studies"]["components"]["rows"]}
+    assert rows["no_swa"]["layers"] == "6 mhf" and rows["full"]["layers"] == "4 mhf + 2 attention(w=8)"
+    assert rows["no_swa"]["params"] < rows["full"]["params"]  # an MHF layer is smaller than attention
+    markdown = (out / "ablation.md").read_text()
+    assert "w/o SWA & PC" in markdown and "| 5:1 |" in markdown and "49.01" in markdown and "43.35" in markdown
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("done (cached)") == 9
+
+
+def test_an_interrupted_variant_resumes_and_a_failing_one_is_reported(data, tmp_path, monkeypatch):
+    out = tmp_path / "ablate"
+    shared = SMALL + ablate.budget_overrides("demo", None, 4, SMALL)
+    # Interrupt the 2:1 variant after two of its four steps.
+    first = out / "ratio" / "2to1"
+    train(load_preset("demo", shared + ["model.pattern=FFA"]), data, first, max_steps=2, device="cpu", quiet=True)
+    assert read_meta(latest_checkpoint(first))["step"] == 2
+    broken = ablate.Variant("broken", "broken variant", ("model.mixers.F.gate=bogus",), 0.0)
+    study = ablate.STUDIES["ratio"]
+    monkeypatch.setitem(ablate.STUDIES, "ratio", ablate.Study("ratio", study.title, study.paper_size,
+                                                              (study.variants[2], broken)))
+    report = ablate.run_studies("ratio", "demo", data, out, steps=4, overrides=SMALL, device="cpu")
+    resumed, failed = report["studies"]["ratio"]["rows"]
+    assert read_meta(latest_checkpoint(first))["step"] == 4 and "error" not in resumed
+    assert "model.mixers.F.gate must be one of" in failed["error"]
+    assert "failed" in ablate.markdown_report(report)
+
+
+def test_lm_eval_tasks_are_evaluated_per_variant(data, tmp_path):
+    from caracal_cli.evaluate import write_local_task
+
+    tasks_dir = tmp_path / "tasks"
+    examples = [{"question": f"the quick brown {w}", "choices": ["fox", "dog"], "answer": i % 2}
+                for i, w in enumerate(["a", "b", "c", "d"])]
+    write_local_task(tasks_dir, "tiny_mc", examples)
+    report = ablate.run_studies("ratio", "demo", data, tmp_path / "out", steps=2, overrides=SMALL,
+                                tasks=["tiny_mc"], include_path=tasks_dir, device="cpu")
+    for row in report["studies"]["ratio"]["rows"]:
+        assert "error" not in row, row
+        assert 0 <= row["avg_acc"] <= 1 and "tiny_mc" in row["tasks"]
+
+
+def test_bad_input_is_refused(data, tmp_path):
+    result = CliRunner().invoke(app, ["ablate", "--data", str(data), "--study", "everything", "--size", "demo",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "unknown study 'everything'" in result.output
+    result = CliRunner().invoke(app, ["ablate", "--data", str(tmp_path / "none"), "--size", "demo"])
+    assert result.exit_code == 1 and "Traceback" not in result.output

@@ -1,0 +1,165 @@
+"""The fast causal FFT convolution (mixers/fftconv.py): its algorithm in float64 against the torch.fft reference,
+its custom backward by gradcheck, the path choice, and (on CUDA, or in Triton's interpreter) the kernels."""
+
+import os
+
+import pytest
+import torch
+
+from caracal_cli.config import ConfigError
+from caracal_cli.mixers import build_mixer, fftconv
+from caracal_cli.mixers.fftconv import TorchStages, fft_conv_path, monarch_causal_conv, split_for
+from caracal_cli.mixers.mhf import causal_fft_conv, causal_fft_conv_reference
+from conftest import small_model_config
+
+LENGTHS = [1, 2, 7, 33, 255, 256, 300, 1024, 2049]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("length", [1, 200, 256, 257, 8192, 9000, 16384])
+def test_split_pads_to_a_supported_power_of_two(length):
+    P, T = split_for(length)
+    padded = P * T
+    assert padded == max(256, 1 << (length - 1).bit_length()) and P >= T >= 16
+
+
+def test_longer_than_the_largest_split_is_refused():
+    with pytest.raises(ValueError):
+        split_for(fftconv.MAX_LEN + 1)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_algorithm_equals_reference_in_float64(length):
+    v, g = torch.randn(2, length, 5, dtype=torch.float64), torch.randn(2, length, 5, dtype=torch.float64)
+    assert rel(monarch_causal_conv(v, g), causal_fft_conv_reference(v, g)) < 1e-13
+
+
+def test_algorithm_in_float32_and_its_dtype():
+    v, g = torch.randn(2, 700, 6), torch.randn(2, 700, 6) + 1.0  # a mean: large low-frequency bins
+    y = monarch_causal_conv(v, g)
+    assert y.dtype == torch.float32
+    assert rel(y, causal_fft_conv_reference(v.double(), g.double())) < 1e-5
+
+
+def test_algorithm_is_causal():
+    v, g = torch.randn(1, 300, 3, dtype=torch.float64), torch.randn(1, 300, 3, dtype=torch.float64)
+    y = monarch_causal_conv(v, g)
+    v2, g2 = v.clone(), g.clone()
+    v2[:, 150:], g2[:, 150:] = 100.0, -7.0
+    torch.testing.assert_close(monarch_causal_conv(v2, g2)[:, :150], y[:, :150], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("length", [5, 40, 300])
+def test_custom_backward_passes_gradcheck(length):
+    v = torch.randn(2, length, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, length, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(monarch_causal_conv, (v, g), fast_mode=length > 100)
+
+
+@pytest.mark.parametrize("which", ["v", "g"])
+def test_backward_for_one_input_matches_reference_autograd(which):
+    v, g = torch.randn(2, 100, 4, dtype=torch.float64), torch.randn(2, 100, 4, dtype=torch.float64)
+    (v if which == "v" else g).requires_grad_()
+    dy = torch.randn(2, 100, 4, dtype=torch.float64)
+    x = v if which == "v" else g
+    (fast,) = torch.autograd.grad(monarch_causal_conv(v, g), x, dy)
+    (exact,) = torch.autograd.grad(causal_fft_conv_reference(v, g), x, dy)
+    torch.testing.assert_close(fast, exact, rtol=1e-12, atol=1e-12)
+
+
+def test_stages_keep_one_complex_number_per_token():
+    stages = TorchStages(1000, "cpu", torch.float64)
+    z = stages.analysis([torch.randn(3, 1000, 2, dtype=torch.float64)], flip=False)
+    assert z.shape == (3, stages.P, stages.T, 2) and stages.P * stages.T == 1024 and z.is_complex()
+
+
+def test_path_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fft_conv_path(cpu, torch.bfloat16) == "torch"
+    with pytest.raises(RuntimeError, match="not a CUDA device"):
+        fft_conv_path(cpu, torch.bfloat16, 512, impl="fast")
+    monkeypatch.setattr(fftconv, "TRITON_AVAILABLE", True)
+    assert fft_conv_path(cuda, torch.bfloat16, 2048) == "triton"
+    assert fft_conv_path(cuda, torch.float16, 2048) == "triton"
+    assert fft_conv_path(cuda, torch.float32, 2048) == "torch"  # float32 and float64 stay exact
+    assert fft_conv_path(cuda, torch.float64, 2048) == "torch"
+    assert fft_conv_path(cuda, torch.bfloat16, fftconv.MAX_LEN + 1) == "torch"
+    assert fft_conv_path(cuda, torch.bfloat16, 2048, impl="torch") == "torch"
+    monkeypatch.setattr(fftconv, "TRITON_AVAILABLE", False)
+    assert fft_conv_path(cuda, torch.bfloat16, 2048) == "torch"
+
+
+def test_mhf_reports_its_path_and_validates_fft_impl(monkeypatch):
+    model = small_model_config()
+    mhf = build_mixer({"kind": "mhf"}, model)
+    assert mhf.path(torch.device("cpu")) == "torch.fft (float32)"
+    monkeypatch.setattr(fftconv, "TRITON_AVAILABLE", True)
+    assert mhf.path(torch.device("cuda")) == "torch.fft (float32)"  # the default until the kernels are timed
+    assert build_mixer({"kind": "mhf", "fft_impl": "auto"}, model).path(torch.device("cuda")).startswith("triton")
+    with pytest.raises(ConfigError, match="fft_impl"):
+        build_mixer({"kind": "mhf", "fft_impl": "cufft"}, model)
+
+
+def test_fast_impl_fails_loudly_on_cpu():
+    mhf = build_mixer({"kind": "mhf", "fft_impl": "fast"}, small_model_config())
+    with pytest.raises(RuntimeError, match="fft_impl=fast"):
+        mhf(torch.randn(1, 8, 32))
+
+
+# --- the Triton kernels -----------------------------------------------------------------------------------------
+
+def _check_kernels(device, length, channels, dtype, batch=2, tol=None):
+    """Forward and both gradients of the Triton path against float64 autograd of the reference."""
+    v = torch.randn(batch, length, channels, device=device).to(dtype).requires_grad_()
+    g = (0.5 * torch.randn(batch, length, channels, device=device) + 0.5).to(dtype).requires_grad_()
+    dy = torch.randn(batch, length, channels, device=device).to(dtype)
+    y = fftconv.causal_fft_conv_fast(v, g, **({} if device == "cuda" else dict(block_c=16, block_c2=16)))
+    dv, dg = torch.autograd.grad(y, (v, g), dy)
+    v64, g64 = v.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+    y64 = causal_fft_conv_reference(v64, g64)
+    dv64, dg64 = torch.autograd.grad(y64, (v64, g64), dy.double())
+    tol = tol or (1e-5 if dtype == torch.float32 else 1e-2)
+    assert y.dtype == dtype and dv.dtype == dtype and y.shape == v.shape
+    for name, got, want in (("y", y, y64), ("dv", dv, dv64), ("dg", dg, dg64)):
+        assert torch.isfinite(got).all(), name
+        assert rel(got, want) < tol, (name, rel(got, want))
+
+
+@pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels on the CPU only with triton installed and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("length, channels, dtype, tol", [
+    (256, 16, torch.float32, 1e-5),  # the kernels' float32 mode: their arithmetic, free of fp16 rounding
+    (300, 24, torch.bfloat16, 2e-2),  # the interpreter rounds float32 → bf16 toward zero (the GPU: to nearest)
+    (7, 16, torch.float16, 2e-2),
+])
+def test_kernels_in_triton_interpreter(length, channels, dtype, tol):
+    _check_kernels("cpu", length, channels, dtype, tol=tol)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fast path is CUDA-only)")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [1, 300, 5000, 16384])
+def test_fast_path_on_gpu(length, dtype):
+    _check_kernels("cuda", length, 96 if length < 16384 else 64, dtype, batch=2 if length < 16384 else 1)
+
+
+@pytest.mark.gpu
+@gpu
+def test_dispatch_and_mhf_module_on_gpu():
+    v, g = torch.randn(2, 1024, 64, device="cuda").bfloat16(), torch.randn(2, 1024, 64, device="cuda").bfloat16()
+    assert fft_conv_path(v.device, v.dtype, 1024) == "triton"
+    assert rel(causal_fft_conv(v, g, "auto"), causal_fft_conv_reference(v.double(), g.double())) < 1e-2
+    model = small_model_config(d_model=64, n_head=4)
+    fast = build_mixer({"kind": "mhf", "fft_impl": "auto"}, model).cuda()
+    ref = build_mixer({"kind": "mhf", "fft_impl": "torch"}, model).cuda()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 700, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert rel(fast(x), ref(x)) < 2e-2

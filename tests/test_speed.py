@@ -1,0 +1,186 @@
+"""`caracal speed`: the sweep's JSON and plot on CPU, the mixer micro-benchmark, OOM and error points, bad input."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from caracal_cli import speed
+from caracal_cli.cli import app
+from caracal_cli.mixers.mhf import MHF
+from caracal_cli.model import build_model
+from tests.conftest import small_model_config
+
+runner = CliRunner()
+ENVIRONMENT_KEYS = {"device", "device_name", "torch", "cuda", "cudnn", "python", "mamba_ssm", "timer", "memory",
+                    "argv"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The sweeps here are tiny: one intra-op thread keeps them quick on a busy 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_entry(entry: dict, repeats: int) -> None:
+    """Measured with positive numbers, or marked OOM / error / unsupported with a reason."""
+    if entry["status"] == "ok":
+        assert len(entry["times_ms"]) == repeats and all(t > 0 for t in entry["times_ms"])
+        assert entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
+        assert entry["tokens_per_s"] > 0 and entry["batch"] >= 1
+    else:
+        assert entry["status"] in ("oom", "error", "unsupported") and entry["reason"]
+
+
+def test_speed_all_modes_writes_json_and_png(tmp_path):
+    args = ["speed", "--size", "demo", "--lengths", "64,128", "--tokens-per-step", "256", "--repeats", "2",
+            "--warmup", "1", "--models", "caracal,llama", "--mode", "all", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert all(f"{mode} —" in result.output for mode in speed.MODES)  # a table per mode
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["schema"] == speed.SCHEMA and report["kind"] == "models"
+    assert set(report["environment"]) >= ENVIRONMENT_KEYS
+    assert report["environment"]["device"] == "cpu" and report["settings"]["dtype"] == "fp32"
+    assert report["command"].startswith("caracal speed --models caracal,llama --size demo")
+    points = {(e["model"], e["mode"], e["length"]) for e in report["results"]}
+    assert points == {(m, mode, n) for m in ("caracal", "llama") for mode in speed.MODES for n in (64, 128)}
+    assert len(report["results"]) == len(points)
+    for entry in report["results"]:
+        _check_entry(entry, repeats=2)
+        assert entry["status"] == "ok", entry  # both models run every mode on CPU
+    decode = [e for e in report["results"] if e["mode"] == "decode"]
+    assert all(e["unit"] == "ms/token" and e["batch"] == 1 and e["context"] == e["length"] for e in decode)
+    assert report["models"]["caracal"]["paths"]["MHF"].startswith("torch.fft")
+    assert report["models"]["llama"]["paths"] == {"Attention": "sdpa"}
+    assert {(r["mode"], r["length"]) for r in report["ratios"]} == {(m, n) for m in speed.MODES for n in (64, 128)}
+    assert (tmp_path / "speed.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_speed_mixers_micro_benchmark(tmp_path):
+    args = ["speed", "--mixers", "--size", "demo", "--lengths", "32,64", "--tokens-per-step", "128",
+            "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["kind"] == "mixers" and report["d_model"] == 128
+    assert report["bandwidth"]["gb_per_s"] > 0
+    names = {e["name"] for e in report["results"]}
+    assert {"mhf", "attention", "swa-256", *speed.FFT_VARIANTS} <= names
+    for kind in ("mamba", "mamba2"):  # timed when registered, else a note says it was skipped
+        assert kind in names or any(note.startswith(kind + ":") for note in report["notes"])
+    for entry in report["results"]:
+        _check_entry(entry, repeats=1)
+    fft = [e for e in report["results"] if e["name"] == "causal_fft_conv"]
+    assert {(e["pass"], e["length"]) for e in fft} == {(p, n) for p in ("fwd", "fwd+bwd") for n in (32, 64)}
+    for entry in fft:
+        elements = entry["batch"] * entry["length"] * report["d_model"]
+        assert entry["floor_bytes"] == 3 * elements * 4 * (3 if entry["pass"] == "fwd+bwd" else 1)
+        assert entry["floor_ms"] > 0 and entry["over_floor"] > 0
+    assert report["paths"]["swa-256"] == "sdpa+band-mask"
+    assert (tmp_path / "speed.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB"),
+                                   MemoryError()])
+def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(monkeypatch, error):
+    real_train = speed.POINTS["train"]
+
+    def train_or_oom(model, runner, length, settings, device):
+        if length == 64:
+            raise error
+        return real_train(model, runner, length, settings, device)
+
+    monkeypatch.setitem(speed.POINTS, "train", train_or_oom)
+    settings = speed.parse_settings("caracal,llama", "demo", "32,64,128", tokens_per_step=128, mode="train",
+                                    repeats=1, warmup=0, device="cpu")
+    report = speed.run_models(settings)
+    status = {(e["model"], e["length"]): e["status"] for e in report["results"]}
+    assert status == {(m, n): "oom" if n == 64 else "ok" for m in ("caracal", "llama") for n in (32, 64, 128)}
+    assert "OOM" in {speed._status_text(e) for e in report["results"]}
+
+
+def test_a_device_that_fails_for_good_stops_the_sweep_with_reasons(monkeypatch):
+    failed = {}
+    real_free = speed._free
+
+    def poisoned_train(model, runner, length, settings, device):
+        failed["yes"] = True
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def free(device):
+        if failed:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        real_free(device)
+
+    monkeypatch.setitem(speed.POINTS, "train", poisoned_train)
+    monkeypatch.setattr(speed, "_free", free)
+    settings = speed.parse_settings("caracal,llama", "demo", "32,64", tokens_per_step=64, mode="train",
+                                    repeats=1, warmup=0, device="cpu")
+    report = speed.run_models(settings)
+    first, *rest = report["results"]
+    assert first["status"] == "error" and "illegal memory access" in first["reason"]
+    assert len(rest) == 3 and all(e["status"] == "error" and e["reason"].startswith("not run") for e in rest)
+    assert "caracal train L=32" in report["device_lost"]
+    speed.speed_tables(report)
+
+
+def test_model_without_preset_is_an_error_row_not_a_crash():
+    settings = speed.parse_settings("caracal", "demo", "32", tokens_per_step=64, mode="train,prefill", repeats=1,
+                                    warmup=0, device="cpu")
+    settings.models.append("nosuchfamily")  # as if its presets had not been written yet
+    report = speed.run_models(settings)
+    rows = [e for e in report["results"] if e["model"] == "nosuchfamily"]
+    assert len(rows) == 2 and all(e["status"] == "error" and "unknown preset" in e["reason"] for e in rows)
+    assert report["models"]["nosuchfamily"]["status"] == "error"
+    assert all(e["status"] == "ok" for e in report["results"] if e["model"] == "caracal")
+    speed.speed_tables(report)  # renders
+
+
+def test_decode_without_init_cache_is_unsupported(monkeypatch):
+    monkeypatch.delattr(MHF, "init_cache")
+    model = build_model(small_model_config())
+    settings = speed.SpeedSettings(repeats=1, warmup=0, decode_tokens=2)
+    result = speed.measure_point("decode", model, model, 16, settings, torch.device("cpu"))
+    assert result["status"] == "unsupported" and "MHF" in result["reason"]
+
+
+def test_token_budget_and_summary():
+    assert speed.budget_batch(512, 65536) == (128, None)
+    assert speed.budget_batch(16384, 4096)[0] == 1 and "exceeds" in speed.budget_batch(16384, 4096)[1]
+    assert speed.budget_batch(3000, 65536)[0] == 21
+    summary = speed.summarize([3.0, 1.0, 2.0, 10.0])
+    assert summary["median_ms"] == 2.5 and summary["min_ms"] == 1.0 and summary["max_ms"] == 10.0
+    assert summary["times_ms"] == [3.0, 1.0, 2.0, 10.0]
+    assert speed.preset_name("caracal", "small") == "small" and speed.preset_name("mamba2", "tiny") == "mamba2-tiny"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "caracal,gpt5"], "unknown model 'gpt5'"),
+        (["--size", "huge"], "unknown size 'huge'"),
+        (["--mode", "serve"], "unknown mode 'serve'"),
+        (["--lengths", "512,0"], "--lengths must be positive"),
+        (["--lengths", "512,abc"], "comma-separated integers"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line(args, message):
+    result = runner.invoke(app, ["speed", *args])
+    assert result.exit_code == 1
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_one_line():
+    result = runner.invoke(app, ["speed", "--device", "cuda"])
+    assert result.exit_code == 1 and "no CUDA device" in result.output

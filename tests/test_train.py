@@ -1,0 +1,276 @@
+"""`caracal train` on CPU: learning, bit-exact resume after an interruption, torchrun with DDP and FSDP2
+(gloo), the recipe (batch plan, LR schedule, weight-decay groups), checkpoint files, NaN stops, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_loader import make_dataset
+from typer.testing import CliRunner
+
+from caracal_cli import train as train_module
+from caracal_cli.checkpoint import latest_checkpoint, load_model, load_trainer_state, save_run_config
+from caracal_cli.cli import app
+from caracal_cli.config import CaracalError, ConfigError, TrainConfig, load_preset
+from caracal_cli.model import build_model
+from caracal_cli.monitor import read_metrics
+from caracal_cli.recipe import learning_rate, parameter_groups, plan_batches
+from caracal_cli.train import evaluate_val_loss, train
+
+runner = CliRunner()
+# The demo preset shrunk to milliseconds per step: 512 tokens per step in 2 micro-batches of 4 × 64.
+TINY = ["model.d_model=64", "model.n_layer=3", "model.context=64", "model.vocab_size=512",
+        "model.mixers.A.window=32", "train.micro_batch=4", "train.global_batch_tokens=512", "train.tokens=20480",
+        "train.warmup_tokens=1024", "train.eval_tokens=1024", "train.eval_every=4", "train.checkpoint_every=100",
+        "train.log_every=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads can run ten times slower (they spin
+    while the other core is busy); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), train_tokens=40_000, val_tokens=4_096)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> dict:
+    """Six uninterrupted steps of the tiny config, the reference for resume and torchrun runs."""
+    return train(load_preset("demo", TINY), data, tmp_path_factory.mktemp("runs") / "straight", max_steps=6,
+                 device="cpu", quiet=True)
+
+
+def train_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`caracal …` in a fresh interpreter (what a user runs; torchrun needs a real process)."""
+    return subprocess.run([sys.executable, "-m", "caracal_cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def tiny_args(*extra: str) -> list[str]:
+    return [arg for item in [*TINY, *extra] for arg in ("--set", item)]
+
+
+# --- the recipe -----------------------------------------------------------------------------------------
+def test_batch_plan_and_a_clear_refusal_when_it_does_not_divide():
+    plan = plan_batches(load_preset("tiny").train, 512, world_size=8)
+    assert (plan.grad_accum, plan.tokens_per_step, plan.total_steps, plan.warmup_steps) == (4, 524288, 19073, 715)
+    with pytest.raises(ConfigError, match=r"global_batch_tokens=4096 is not a multiple of .* 16 × 128 × 3 = 6144"):
+        plan_batches(load_preset("demo").train, 128, world_size=3)
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    cfg = TrainConfig(tokens=100 * 1000, global_batch_tokens=1000, micro_batch=10, lr=1.0, min_lr_ratio=0.1,
+                      warmup_tokens=10_000)
+    plan = plan_batches(cfg, context=10, world_size=1)
+    lrs = [learning_rate(s, plan, cfg) for s in range(plan.total_steps)]
+    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3]) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:-1], lrs[10:], strict=True))
+    assert lrs[-1] == pytest.approx(0.1)
+    assert lrs[9 + 45] == pytest.approx(0.55, abs=0.02)  # half-way down the cosine
+
+
+def test_weight_decay_only_on_matrices_and_never_on_the_tied_embedding():
+    model = build_model(load_preset("demo", TINY).model)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    plain = {names[id(p)] for p in no_decay["params"]}
+    assert "embed.weight" in plain and "head.weight" not in decayed  # tied: the head is the embedding
+    assert all(not n.endswith(("norm1.weight", "norm2.weight", ".bias")) for n in decayed)
+    assert "blocks.0.mlp.up.weight" in decayed and "blocks.2.mixer.qkv.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+def test_ssm_parameters_opt_out_of_weight_decay_like_mamba_ssm():
+    model = build_model(load_preset("mamba-demo", ["model.vocab_size=512"]).model)
+    decay, _ = parameter_groups(model, 0.1)
+    decayed = {n for n, p in model.named_parameters() if any(p is q for q in decay["params"])}
+    assert "blocks.0.mixer.A_log" not in decayed  # 2-D in Mamba-1, still no decay
+    assert "blocks.0.mixer.in_proj.weight" in decayed
+
+
+# --- training -------------------------------------------------------------------------------------------
+def test_the_demo_preset_learns_and_writes_a_complete_run_directory(data, tmp_path):
+    config = load_preset("demo", ["train.micro_batch=4", "train.global_batch_tokens=512", "train.tokens=20480",
+                                  "train.warmup_tokens=1024", "train.eval_tokens=2048", "train.eval_every=12",
+                                  "train.checkpoint_every=12", "train.keep_checkpoints=1"])
+    run = tmp_path / "demo"
+    result = train(config, data, run, max_steps=24, device="cpu", quiet=True)
+    losses = train_losses(run)
+    assert len(losses) == 24 and result["step"] == 24 and result["loss"] == losses[-1]
+    assert sum(losses[-4:]) / 4 < losses[0] - 2.0, losses  # from ln(4096) ≈ 8.3 towards the chain's entropy
+    vals = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0] and result["val_ppl"] == pytest.approx(math.exp(vals[1]))
+    record = read_metrics(run)[0]
+    assert set(record) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed"}
+    assert record["mfu"] is None  # CPU without --peak-flops
+    # Run directory: config, tokenizer, data summary; the newest checkpoint only (keep_checkpoints=1).
+    assert json.loads((run / "data.json").read_text())["splits"]["train"]["tokens"] == 40_000
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000024"]
+    ckpt = Path(result["checkpoint"])
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    assert state["step"] == 24 and state["tokens"] == 24 * 512 and state["data"]["next_sequence"] == 24 * 4
+    assert "head.weight" not in load_file(str(ckpt / "model.safetensors"))  # tied: stored once
+    model, loaded_config, tokenizer, _ = load_model(run)
+    assert loaded_config == config and tokenizer.vocab_size < 512
+    assert evaluate_val_loss(model, data, config, "cpu", tokens=2048) == pytest.approx(vals[1], rel=1e-6)
+
+
+def test_an_interrupted_and_resumed_run_ends_bit_identical(data, straight, tmp_path, monkeypatch):
+    run = tmp_path / "interrupted"
+    schedule = learning_rate
+
+    def interrupt_in_step_3(step, plan, cfg):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: step 3 finishes, then a checkpoint
+        return schedule(step, plan, cfg)
+
+    monkeypatch.setattr(train_module, "learning_rate", interrupt_in_step_3)
+    stopped = train(load_preset("demo", TINY), data, run, max_steps=6, device="cpu", quiet=True)
+    assert stopped["stopped_by"] == "SIGINT" and stopped["step"] == 3
+    assert latest_checkpoint(run).name == "step_00000003"
+    monkeypatch.setattr(train_module, "learning_rate", schedule)
+    resumed = train(None, None, run, max_steps=6, resume=True, device="cpu", quiet=True)
+    assert resumed["step"] == 6 and resumed["steps_run"] == 3
+    a, b = weights(straight["run_dir"]), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = load_trainer_state(straight["checkpoint"])["optimizer"]["state"]
+    opt_b = load_trainer_state(resumed["checkpoint"])["optimizer"]["state"]
+    assert all(torch.equal(opt_a[p][k], opt_b[p][k]) for p in opt_a for k in opt_a[p])
+    assert train_losses(run) == train_losses(straight["run_dir"])  # metrics.jsonl continues without duplicates
+    assert resumed["val_loss"] == straight["val_loss"]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_cli_exits_143(data, tmp_path, monkeypatch):
+    schedule = learning_rate
+
+    def terminate_in_step_2(step, plan, cfg):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return schedule(step, plan, cfg)
+
+    monkeypatch.setattr(train_module, "learning_rate", terminate_in_step_2)
+    run = tmp_path / "terminated"
+    result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run),
+                                 "--device", "cpu", "--max-steps", "5", *tiny_args()])
+    assert result.exit_code == 143, result.output
+    assert "SIGTERM: stopped after step 2" in result.output
+    assert latest_checkpoint(run).name == "step_00000002"
+
+
+def test_torchrun_ddp_on_cpu_matches_one_process(data, straight, tmp_path):
+    """2 processes (gloo) see the same global batch as 1 process with 2 accumulation steps: the same losses up
+    to float rounding."""
+    ddp = cli("train", "--preset", "demo", "--data", str(data), "--out", str(tmp_path / "ddp"),
+              "--nproc-per-node", "2", "--device", "cpu", "--max-steps", "4", *tiny_args())
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "world size 2 (ddp)" in ddp.stdout
+    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(straight["run_dir"])[:4], rel=1e-4)
+
+
+def test_fsdp2_on_cpu_checkpoints_full_state_and_resumes(data, straight, tmp_path):
+    run, launch = tmp_path / "fsdp", ["--nproc-per-node", "2", "--device", "cpu"]
+    first = cli("train", "--preset", "demo", "--data", str(data), "--out", str(run), *launch, "--max-steps", "2",
+                *tiny_args("train.parallel=fsdp"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "world size 2 (fsdp)" in first.stdout
+    again = cli("train", "--resume", str(run), *launch, "--max-steps", "4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step_00000002" in again.stdout
+    assert train_losses(run) == pytest.approx(train_losses(straight["run_dir"])[:4], rel=1e-4)
+    model, config, _, _ = load_model(run)  # the gathered checkpoint is an ordinary one
+    val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r][-1]
+    assert evaluate_val_loss(model, data, config, "cpu") == pytest.approx(val, rel=1e-5)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(data, tmp_path):
+    run = tmp_path / "nan"
+    result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run),
+                                 "--device", "cpu", *tiny_args("train.lr=1e9", "train.warmup_tokens=0",
+                                                               "train.checkpoint_every=1")])
+    assert result.exit_code == 1
+    message = result.output.replace("\n", "")
+    assert "loss is nan at step 2" in message and "step_00000001" in message and "Traceback" not in message
+
+
+# --- the command line -----------------------------------------------------------------------------------
+def test_dry_run_prints_the_config_and_the_batch_plan(data):
+    result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--dry-run",
+                                 "--nproc-per-node", "2"])
+    assert result.exit_code == 0, result.output
+    for line in ["d_model: 128", "world size:        2", "micro-batch:       16 sequences × 128 tokens",
+                 "grad accumulation: 1 micro-steps", "tokens per step:   4096", "total steps:       732"]:
+        assert line in result.output
+
+
+def _config_only_run(tmp_path) -> Path:
+    run = tmp_path / "empty-run"
+    run.mkdir()
+    save_run_config(run, load_preset("demo"))
+    return run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "demo", "--data", "/no/such/dir"], "/no/such/dir: data directory not found"),
+    (["--preset", "demo", "--set", "train.global_batch_tokens=1000"], "is not a multiple of micro_batch"),
+    (["--preset", "demo", "--data", "BIG"], "more than the model's vocab_size 4096"),
+    (["--resume", "EMPTY"], "no checkpoints to resume from"),
+    (["--resume", "EMPTY", "--set", "train.lr=1"], "drop --preset and --set"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message, data, tmp_path):
+    replace = {"BIG": str(make_dataset(tmp_path / "big", 2_000, 500, vocab_size=50257)) if "BIG" in args else "",
+               "EMPTY": str(_config_only_run(tmp_path)) if "EMPTY" in args else ""}
+    args = [replace.get(a, a) for a in args]
+    if "--data" not in args and "--resume" not in args:
+        args += ["--data", str(data)]
+    result = runner.invoke(app, ["train", *args, "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output.replace("\n", "") and "Traceback" not in result.output
+
+
+def test_a_new_run_refuses_a_directory_that_holds_checkpoints(data, straight):
+    with pytest.raises(CaracalError, match="already holds checkpoints"):
+        train(load_preset("demo", TINY), data, straight["run_dir"], device="cpu", quiet=True)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None,
+                    reason="tensorboard is installed")
+def test_tensorboard_without_the_package_says_how_to_get_it(data, tmp_path):
+    with pytest.raises(CaracalError, match="pip install tensorboard"):
+        train(load_preset("demo", TINY), data, tmp_path / "tb", tensorboard=True, device="cpu", quiet=True)
+
+
+def test_torchrun_command_relaunches_this_cli():
+    cmd = train_module.torchrun_command(["train", "--preset", "demo"], 4)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=1", "--standalone"]
+    assert cmd[-5:] == ["-m", "caracal_cli", "train", "--preset", "demo"]
+    multi = train_module.torchrun_command(["train"], 8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500")
+    assert "--node-rank=1" in multi and "--rdzv-endpoint=node0:29500" in multi
+    with pytest.raises(CaracalError, match="--rdzv-endpoint"):
+        train_module.torchrun_command(["train"], 8, nnodes=2)
