@@ -135,6 +135,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, latest
 
 
+def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a checkpoint's safetensors into `model`, which must have exactly its parameters (a tied output
+    head is stored once, as the embedding)."""
+    state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{checkpoint}: weights do not match the run's config (missing "
+                              f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, config, tokenizer, checkpoint_dir) from a run directory or a checkpoint directory."""
     from caracal_cli.model import build_model
@@ -143,12 +154,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     run_dir, ckpt = resolve_checkpoint(path)
     config = load_run_config(run_dir)
     model = build_model(config.model)
-    state = load_file(str(ckpt / WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"head.weight"} if config.model.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match the config (missing {sorted(set(missing) - tied)}, "
-                              f"unexpected {sorted(unexpected)})")
+    load_weights(model, ckpt)
     model.to(device).eval()
     return model, config, load_tokenizer(run_dir), ckpt
 

@@ -479,11 +479,11 @@ def demo(
     from caracal_cli.demo import run_demo
 
     summary = run_demo(out, steps, resolve_device(device), overrides,
-                       say=lambda line: console.print(line, highlight=False, markup=False))
+                       say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     console.print(summary["sample"], style="italic", highlight=False, markup=False)
     table = Table(title="Demo results", show_header=False)
     table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     table.add_row("validation perplexity", f"{summary['val_ppl_before']:.1f} → {summary['val_ppl_after']:.1f}")
     for task, metrics in summary["eval"].items():
         table.add_row(task, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))

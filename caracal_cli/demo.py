@@ -80,9 +80,10 @@ def run_demo(out: str | Path, steps: int | None = None, device: str = "cpu", ove
     config = load_preset("demo", [f"data.path={data_dir}", *(overrides or [])])
     plan = plan_batches(config.train, config.model.context, 1)
     steps = plan.total_steps if steps is None else steps
-    if steps != plan.total_steps:  # the schedule should finish where the demo stops
-        config = load_preset("demo", [f"data.path={data_dir}", *(overrides or []),
-                                      f"train.tokens={steps * plan.tokens_per_step}"])
+    if steps != plan.total_steps:  # the schedule should finish where the demo stops, warmup within its first 10%
+        tokens = steps * plan.tokens_per_step
+        config = load_preset("demo", [f"data.path={data_dir}", *(overrides or []), f"train.tokens={tokens}",
+                                      f"train.warmup_tokens={min(config.train.warmup_tokens, tokens // 10)}"])
 
     torch.manual_seed(config.train.seed)  # the trainer's own initialisation, so "before" is its step 0
     initial = build_model(config.model).to(device)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from caracal_cli.config import CaracalError
-from caracal_cli.shards import load_manifest, split_tokens
+from caracal_cli.shards import ShardError, check_vocab_fits, load_manifest, split_tokens
 
 
 class DataError(CaracalError):
@@ -30,11 +30,10 @@ class DataError(CaracalError):
 def open_dataset(data_dir: str | Path, vocab_size: int) -> dict[str, Any]:
     """The dataset's manifest, after checking that its tokenizer fits a model of `vocab_size` ids."""
     manifest = load_manifest(data_dir)
-    data_vocab = int(manifest["tokenizer"]["vocab_size"])
-    if data_vocab > vocab_size:
-        raise DataError(f"{data_dir}: the data's tokenizer ({manifest['tokenizer'].get('name')}) has "
-                        f"{data_vocab} ids, more than the model's vocab_size {vocab_size} (use a preset whose "
-                        f"model.vocab_size >= {data_vocab}, or --set model.vocab_size={data_vocab})")
+    try:
+        check_vocab_fits(manifest, vocab_size)
+    except ShardError as err:
+        raise DataError(f"{data_dir}: {err}") from None
     return manifest
 
 

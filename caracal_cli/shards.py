@@ -140,7 +140,9 @@ def check_vocab_fits(manifest: dict[str, Any], model_vocab_size: int) -> None:
     tokenizer = manifest["tokenizer"]
     if int(tokenizer["vocab_size"]) > model_vocab_size:
         raise ShardError(f"the data's tokenizer {tokenizer.get('name')!r} has {tokenizer['vocab_size']} ids, "
-                         f"more than the model's vocab_size {model_vocab_size}")
+                         f"more than the model's vocab_size {model_vocab_size} (use a preset whose "
+                         f"model.vocab_size >= {tokenizer['vocab_size']}, or --set "
+                         f"model.vocab_size={tokenizer['vocab_size']})")
 
 
 def split_tokens(directory: str | Path, manifest: dict[str, Any], split: str) -> list[np.ndarray]:

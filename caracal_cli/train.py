@@ -33,10 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from caracal_cli.checkpoint import (
-    WEIGHTS_FILE, config_yaml, latest_checkpoint, load_run_config, load_trainer_state, model_state, read_meta,
+    config_yaml, latest_checkpoint, load_run_config, load_trainer_state, load_weights, model_state, read_meta,
     save_checkpoint, save_run_config,
 )
 from caracal_cli.config import CaracalError, Config, load_preset
@@ -239,14 +238,6 @@ def full_weights(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tenso
     unique = {name for name, _ in model.named_parameters()}
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
     return {name: t.contiguous() for name, t in state.items() if name not in tied}
-
-
-def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    missing, unexpected = model.load_state_dict(load_file(str(checkpoint / WEIGHTS_FILE)), strict=False)
-    tied = {"head.weight"} if model.config.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise TrainError(f"{checkpoint}: weights do not match the run's config (missing "
-                         f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
 
 
 # --- evaluation -----------------------------------------------------------------------------------------

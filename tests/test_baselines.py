@@ -215,25 +215,6 @@ def test_library_delegation_runs_on_the_mixers_own_parameters():
 
 
 # --- whole models --------------------------------------------------------------------------------------------
-SMALL = {
-    "mamba": dict(pattern="M", mixers={"M": {"kind": "mamba"}}, mlp="none"),
-    "mamba2": dict(pattern="M", mixers={"M": {"kind": "mamba2", "d_state": 8, "headdim": 16, "reference_chunk": 8}},
-                   mlp="none"),
-    "jamba": dict(pattern="MA", mixers={"M": {"kind": "mamba"}, "A": {"kind": "attention"}}),
-    "swh": dict(pattern="S", mixers={"S": {"kind": "swh", "width": 24, "heads": 3, "chunk": 4}}),
-}
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_model_cached_decoding_equals_full_forward(family):
-    model = build_model(small_model_config(**SMALL[family])).double()
-    ids = torch.randint(0, 97, (1, 20))
-    full = model(ids)
-    caches = model.init_caches(1, 20)
-    steps = [model(ids[:, :7], caches)] + [model(ids[:, t:t + 1], caches) for t in range(7, 20)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
-
-
 LLAMA = {"tiny": "llama-tiny", "small": "llama-small", "medium": "llama-medium", "large": "llama-large"}
 
 

@@ -43,6 +43,11 @@ PATTERNS = {
     "llama": dict(pattern="A", mixers={"A": {"kind": "attention"}}, pos_emb="rope"),
     "caracal-learned-pe": dict(pattern="FFA", pos_emb="learned"),
     "caracal-gelu": dict(pattern="FFFFFA", n_layer=6, mlp="gelu"),
+    "mamba": dict(pattern="M", mixers={"M": {"kind": "mamba"}}, mlp="none"),
+    "mamba2": dict(pattern="M", mixers={"M": {"kind": "mamba2", "d_state": 8, "headdim": 16, "reference_chunk": 8}},
+                   mlp="none"),
+    "jamba": dict(pattern="MA", mixers={"M": {"kind": "mamba"}, "A": {"kind": "attention"}}),
+    "swh": dict(pattern="S", mixers={"S": {"kind": "swh", "width": 24, "heads": 3, "chunk": 4}}),
 }
 
 
