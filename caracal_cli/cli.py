@@ -203,6 +203,28 @@ def prepare_shakespeare(
     console.print(prepare.summary(result))
 
 
+@prepare_app.command("verify")
+@user_errors
+def prepare_verify(
+    directory: Path = typer.Argument(..., help="Dataset directory made by `caracal prepare`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Check a prepared dataset: every shard's header, token count and sha256 against its manifest."""
+    from caracal_cli.loader import split_summary
+    from caracal_cli.shards import verify_dataset
+
+    manifest = verify_dataset(directory)
+    summary = {"directory": str(directory), "complete": manifest.get("complete", False),
+               "tokenizer": manifest["tokenizer"], "splits": split_summary(manifest)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    splits = ", ".join(f"{k}: {v['tokens']:,} tokens in {v['shards']} shards" for k, v in summary["splits"].items())
+    state = "complete" if summary["complete"] else "incomplete (re-run its command to resume)"
+    console.print(f"{directory}: OK, {state}; tokenizer {manifest['tokenizer']['name']} "
+                  f"({manifest['tokenizer']['vocab_size']} ids); {splits}", highlight=False, soft_wrap=True)
+
+
 # --- train ------------------------------------------------------------------------------------------------
 @app.command()
 @user_errors

@@ -1,6 +1,7 @@
 """Token shards in llm.c's format, and the manifest that lists them."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -116,3 +117,23 @@ def test_check_vocab_fits():
     check_vocab_fits(json.loads(json.dumps(manifest)), 50304)  # a padded embedding is fine
     with pytest.raises(ShardError, match="'gpt2' has 50257 ids, more than the model's vocab_size 4096"):
         check_vocab_fits(manifest, 4096)
+
+
+def test_prepare_verify_command_checks_checksums(tmp_path):
+    from typer.testing import CliRunner
+
+    from caracal_cli.cli import app
+
+    result = CliRunner().invoke(app, ["prepare", "shakespeare", "-o", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    ok = CliRunner().invoke(app, ["prepare", "verify", str(tmp_path / "data"), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["complete"] is True
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "data" / "train_000000.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    shard = tmp_path / "data" / "val_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = CliRunner().invoke(app, ["prepare", "verify", str(tmp_path / "data")])
+    assert bad.exit_code == 1 and "checksum differs" in bad.output and "Traceback" not in bad.output
