@@ -70,7 +70,7 @@ class ModelConfig:
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layer)]
 
     def validate(self) -> None:
-        _positive(self, "model", ["vocab_size", "d_model", "n_layer", "n_head", "context"])
+        require_positive(self, "model", ["vocab_size", "d_model", "n_layer", "n_head", "context", "mlp_hidden"])
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
         if not self.pattern:
@@ -80,8 +80,6 @@ class ModelConfig:
                 raise ConfigError(f"model.pattern letter {letter!r} has no entry in model.mixers")
         _choice("model.mlp", self.mlp, ["swiglu", "gelu", "none"])
         _choice("model.pos_emb", self.pos_emb, ["none", "rope", "learned"])
-        if self.mlp_hidden is not None and self.mlp_hidden < 1:
-            raise ConfigError(f"model.mlp_hidden must be >= 1, got {self.mlp_hidden}")
         from caracal_cli.mixers import mixer_config  # late: mixers import this module
 
         for letter, raw in self.mixers.items():
@@ -117,7 +115,7 @@ class TrainConfig:
     log_every: int = 10
 
     def validate(self) -> None:
-        _positive(self, "train", ["tokens", "global_batch_tokens", "micro_batch", "eval_every",
+        require_positive(self, "train", ["tokens", "global_batch_tokens", "micro_batch", "eval_every",
                                   "checkpoint_every", "keep_checkpoints", "log_every"])
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
@@ -149,10 +147,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _positive(obj: Any, section: str, names: list[str]) -> None:
+def require_positive(obj: Any, section: str, names: list[str] | tuple[str, ...]) -> None:
+    """Refuse a field below 1 (None, where allowed, means a default and passes), naming `section.name`."""
     for name in names:
         value = getattr(obj, name)
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{section}.{name} must be >= 1, got {value}")
 
 

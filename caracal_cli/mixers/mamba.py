@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from caracal_cli.config import ConfigError, ModelConfig
+from caracal_cli.config import ConfigError, ModelConfig, require_positive
 
 IMPLS = ("auto", "library", "reference")
 
@@ -238,9 +238,7 @@ class Mamba(nn.Module):
         impl: str = "auto"  # auto (mamba_ssm on CUDA when it imports) | library | reference
 
         def validate(self, model: ModelConfig, where: str) -> None:
-            for key in ("d_state", "d_conv", "expand"):
-                if getattr(self, key) < 1:
-                    raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+            require_positive(self, where, ("d_state", "d_conv", "expand"))
             if self.dt_rank is not None and self.dt_rank < 1:
                 raise ConfigError(f"{where}.dt_rank must be >= 1 (or null for auto), got {self.dt_rank}")
             if not 0 < self.dt_min <= self.dt_max:

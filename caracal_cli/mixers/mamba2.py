@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caracal_cli.config import ConfigError, ModelConfig
+from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers.mamba import (
     causal_depthwise_conv,
     choose_path,
@@ -114,9 +114,8 @@ class Mamba2(nn.Module):
         impl: str = "auto"  # auto (mamba_ssm on CUDA when it imports) | library | reference
 
         def validate(self, model: ModelConfig, where: str) -> None:
-            for key in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "reference_chunk"):
-                if getattr(self, key) < 1:
-                    raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+            require_positive(self, where, ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size",
+                                           "reference_chunk"))
             inner = self.expand * model.d_model
             if inner % self.headdim:
                 raise ConfigError(f"{where}.headdim={self.headdim} does not divide expand·d_model={inner}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caracal_cli.config import ConfigError, ModelConfig
+from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers import fftconv
 
 
@@ -83,9 +83,7 @@ class MHF(nn.Module):
         fft_impl: str = "torch"
 
         def validate(self, model: ModelConfig, where: str) -> None:
-            for key in ("pre_kernel", "gate_kernel"):
-                if getattr(self, key) < 1:
-                    raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+            require_positive(self, where, ("pre_kernel", "gate_kernel"))
             for key, allowed in (("gate", ("two_stage", "linear")), ("value_from", ("x", "x_norm")),
                                  ("scale", ("sqrt", "mean", "none")),
                                  ("fft_impl", ("auto", "torch", "fast"))):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caracal_cli.config import ConfigError, ModelConfig
+from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers.attention import apply_rope, rope_tables
 from caracal_cli.mixers.mhf import causal_fft_conv
 
@@ -75,10 +75,7 @@ class SWH(nn.Module):
         rope: bool = True  # RoPE in the local branch (SWH always uses it; false is an ablation)
 
         def validate(self, model: ModelConfig, where: str) -> None:
-            for key in ("width", "heads", "chunk"):
-                value = getattr(self, key)
-                if value is not None and value < 1:
-                    raise ConfigError(f"{where}.{key} must be >= 1, got {value}")
+            require_positive(self, where, ("width", "heads", "chunk"))
             width, heads = self.width or model.d_model, self.heads or model.n_head
             if width % heads:
                 raise ConfigError(f"{where}.width={width} is not divisible by {where}.heads={heads}")
