@@ -116,9 +116,18 @@ def info(
         if key in ("name", "description"):
             continue
         if isinstance(value, dict):
-            value = ", ".join(f"{k}: {v}" for k, v in value.items())
-        table.add_row(key, str(value))
+            value = "\n".join(f"{k}: {_human(v)}" for k, v in value.items())
+        table.add_row(key, _human(value))
     console.print(table)
+
+
+def _human(value) -> str:
+    """726223872 → '726.2M (726,223,872)'; other values as they are."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 1e6:
+        for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+            if abs(value) >= scale:
+                return f"{value / scale:.1f}{unit} ({value:,.0f})"
+    return str(value)
 
 
 # --- prepare ----------------------------------------------------------------------------------------------

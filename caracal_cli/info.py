@@ -6,6 +6,7 @@ import torch
 
 from caracal_cli.config import Config, list_presets, load_preset
 from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
+from caracal_cli.monitor import PEAK_FLOPS
 
 
 def _meta_model(config: Config):
@@ -39,6 +40,9 @@ def describe_preset(config: Config, device: str = "cpu") -> dict:
         "flops_formula": {"matmul (2 x weights incl. head)": flops["matmul"],
                           "mixing (attention 4*d*keys, FFT 2.5*n*log2 n)": flops["mixing"],
                           "train = 3 x forward": flops["train"]},
+        "mfu_formula": "flops_per_token_train x tokens/s / (world size x peak); peak "
+                       + ", ".join(f"{gpu} {peak / 1e12:.0f} TFLOP/s" for gpu, peak in PEAK_FLOPS.items())
+                       + " (bf16 dense), or --peak-flops",
         "paths": mixer_paths(model, torch.device(device)),
     }
 
