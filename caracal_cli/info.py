@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 from caracal_cli.config import Config, list_presets, load_preset
 from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
@@ -12,6 +15,34 @@ from caracal_cli.monitor import PEAK_FLOPS
 def _meta_model(config: Config):
     with torch.device("meta"):  # no memory, no init cost: counts and shapes only
         return build_model(config.model)
+
+
+def train_memory_estimate(config: Config, micro_batch: int | None = None) -> dict[str, float]:
+    """GiB one training step holds at `micro_batch` (default the preset's): the activations autograd saves
+    in one bf16 forward and loss (traced on the meta device, each saved tensor counted once; bf16 weights stand
+    in for autocast), plus 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments).
+
+    An estimate, not a measurement: it follows the CPU kernels (attention that saves its probabilities, the
+    reference SSM scan) and leaves out transient buffers and allocator slack; `scripts/gpu_memory_check.py`
+    measures the real step on a GPU."""
+    micro = micro_batch or config.train.micro_batch
+    model = _meta_model(config).to(torch.bfloat16)
+    kept: dict[int, torch.Tensor] = {}  # holding them keeps their ids from being reused during the trace
+
+    def pack(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        kept.setdefault(id(base), base)  # a tensor saved by several ops, or through views, is stored once
+        return tensor
+
+    ids = torch.zeros(micro, config.model.context, dtype=torch.long, device="meta")
+    with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        warnings.simplefilter("ignore")  # bf16 weights with float32 norms' inputs: fine for counting bytes
+        logits = model(ids)
+        F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+    saved = sum(t.numel() * t.element_size() for t in kept.values())
+    states = 16 * count_parameters(model)["total"]
+    return {"micro_batch": micro, "activations_gib": saved / 2**30, "states_gib": states / 2**30,
+            "total_gib": (saved + states) / 2**30}
 
 
 def describe_preset(config: Config, device: str = "cpu") -> dict:
@@ -44,6 +75,8 @@ def describe_preset(config: Config, device: str = "cpu") -> dict:
                        + ", ".join(f"{gpu} {peak / 1e12:.0f} TFLOP/s" for gpu, peak in PEAK_FLOPS.items())
                        + " (bf16 dense), or --peak-flops",
         "paths": mixer_paths(model, torch.device(device)),
+        "train_memory_estimate_gib": {k: round(v, 1) if isinstance(v, float) else v
+                                      for k, v in train_memory_estimate(config).items()},
     }
 
 

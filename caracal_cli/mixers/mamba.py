@@ -29,6 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
+from caracal_cli.mixers.precision import autocast_off
 
 IMPLS = ("auto", "library", "reference")
 
@@ -289,7 +290,7 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(u).split([self.dt_rank, N, N], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added in the work dtype, as the library does
         work = work_dtype(u.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             u, z, B, C = u.to(work), z.to(work), B.to(work), C.to(work)
             delta = F.softplus(dt.to(work) + self.dt_proj.bias.to(work))
             A = -torch.exp(self.A_log.to(work))  # [E, N]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
+from caracal_cli.mixers.precision import autocast_off
 from caracal_cli.mixers.mamba import (
     causal_depthwise_conv,
     choose_path,
@@ -166,7 +167,7 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(x).split([E, E + 2 * G * N, H], dim=-1)
         xBC = F.silu(causal_depthwise_conv(xBC, self.conv1d, None if cache is None else cache["conv"]))
         work = work_dtype(xBC.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             xs, B, C = xBC.to(work).split([E, G * N, G * N], dim=-1)
             xs, B, C = xs.reshape(Bsz, T, H, P), B.reshape(Bsz, T, G, N), C.reshape(Bsz, T, G, N)
             dt = F.softplus(dt.to(work) + self.dt_bias.to(work))  # [B, T, H]

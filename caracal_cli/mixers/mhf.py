@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
+from caracal_cli.mixers.precision import autocast_off
 from caracal_cli.mixers import fftconv
 
 
@@ -40,7 +41,7 @@ def causal_fft_conv_reference(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """
     L = v.shape[1]
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=v.device.type, enabled=False):
+    with autocast_off(v.device):
         vf = torch.fft.rfft(v.transpose(1, 2).to(work), n=2 * L)  # [B, D, L+1] complex
         gf = torch.fft.rfft(g.transpose(1, 2).to(work), n=2 * L)
         y = torch.fft.irfft(vf * gf, n=2 * L)[..., :L]  # truncation drops the wrapped-around (future) terms
