@@ -48,8 +48,19 @@ SCHEMA = "caracal-speed/1"
 
 # The bare FFT convolutions the mixer benchmark times against their memory-traffic floor: name → f(v, g) -> y,
 # all [B, L, D]. A faster variant is one more line here.
+def fft_reference(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """MHF's default convolution: torch.fft in float32 on a [B, D, L] view."""
+    return causal_fft_conv(v, g, "torch")
+
+
+def fft_triton(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The opt-in Triton kernels (`fft_impl: fast`); an error row where they cannot run."""
+    return causal_fft_conv(v, g, "fast")
+
+
 FFT_VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "causal_fft_conv": causal_fft_conv,
+    "causal_fft_conv": fft_reference,
+    "causal_fft_conv[triton]": fft_triton,
 }
 
 
