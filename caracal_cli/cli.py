@@ -52,14 +52,10 @@ def user_errors(fn):
 
 
 def resolve_device(device: str) -> str:
-    """`auto` → cuda when available, else cpu; refuses cuda on a machine without it."""
-    import torch
+    """`--device` as a string the commands take (`auto` resolved; CUDA refused where there is none)."""
+    from caracal_cli.device import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    return device
+    return str(resolve(device))
 
 
 def not_built(command: str):

@@ -126,12 +126,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def pick_device(device: str | None) -> str:
     """`auto` → cuda when available, else cpu. lm-eval's own CLI always passes its default `cuda:0`, so a CUDA
     device on a machine without one falls back to the CPU (with a warning) instead of failing."""
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    from caracal_cli.device import DeviceError, resolve_device
+
+    try:
+        return str(resolve_device(device or "auto"))
+    except DeviceError:
+        if not device.startswith("cuda"):
+            raise
         log.warning("no CUDA device here: evaluating on the CPU instead of %s", device)
         return "cpu"
-    return device
 
 
 class CaracalLM(TemplateLM):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from caracal_cli import __version__
 from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset
+from caracal_cli.device import resolve_device
 from caracal_cli.fileio import atomic_path, write_json
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
@@ -145,13 +146,7 @@ def parse_settings(models: str | None = None, size: str = "small", lengths: str 
                                ("--warmup", warmup, 0), ("--decode-tokens", decode_tokens, 1)):
         if value < least:
             raise SpeedError(f"{name} must be >= {least}, got {value}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.split(":")[0] == "cuda":
-        if not torch.cuda.is_available():
-            raise SpeedError("--device cuda: no CUDA device is available here")
-    elif device != "cpu":
-        raise SpeedError(f"unknown device {device!r} (known: auto, cpu, cuda)")
+    device = str(resolve_device(device))
     if dtype is None:
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPES:

@@ -39,6 +39,7 @@ from caracal_cli.checkpoint import (
     save_checkpoint, save_run_config,
 )
 from caracal_cli.config import CaracalError, Config, load_preset
+from caracal_cli.device import resolve_device
 from caracal_cli.fileio import write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
 from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
@@ -69,19 +70,6 @@ def ranks_from_env() -> Ranks:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process when they are absent)."""
     env = os.environ
     return Ranks(int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` → this process's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainError("--device cuda: no CUDA device is available here")
-        return torch.device("cuda", local_rank if name == "cuda" else torch.device(name).index)
-    if name != "cpu":
-        raise TrainError(f"--device must be cpu, cuda or auto; got {name!r}")
-    return torch.device("cpu")
 
 
 def default_run_dir(preset: str) -> Path:

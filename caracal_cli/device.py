@@ -1,0 +1,25 @@
+"""Which device a command runs on: the one place that reads `--device`."""
+
+from __future__ import annotations
+
+import torch
+
+from caracal_cli.config import CaracalError
+
+
+class DeviceError(CaracalError):
+    pass
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` → this process's GPU (`local_rank`) when CUDA is available, else the CPU; `cuda` or `cuda:N`
+    where there is no CUDA, or an unknown name, is refused."""
+    if name in ("", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.split(":")[0] == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA device is available here")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name != "cpu":
+        raise DeviceError(f"unknown device {name!r} (known: auto, cpu, cuda, cuda:N)")
+    return torch.device("cpu")
