@@ -92,3 +92,20 @@ def test_bad_input_is_refused(data, tmp_path):
     assert result.exit_code == 1 and "unknown study 'everything'" in result.output
     result = CliRunner().invoke(app, ["ablate", "--data", str(tmp_path / "none"), "--size", "demo"])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_variants_train_under_torchrun_and_resume_there(data, tmp_path, monkeypatch):
+    """--nproc-per-node 2 (gloo on CPU): a fresh variant and one interrupted after its first step end alike."""
+    study = ablate.STUDIES["ratio"]
+    monkeypatch.setitem(ablate.STUDIES, "ratio", ablate.Study("ratio", study.title, study.paper_size,
+                                                              (study.variants[2],)))
+    fresh = ablate.run_studies("ratio", "demo", data, tmp_path / "fresh", steps=2, overrides=SMALL, device="cpu",
+                               nproc_per_node=2)["studies"]["ratio"]["rows"][0]
+    partial = tmp_path / "resumed" / "ratio" / "2to1"
+    shared = SMALL + ablate.budget_overrides("demo", None, 2, SMALL)
+    train(load_preset("demo", shared + ["model.pattern=FFA"]), data, partial, max_steps=1, device="cpu", quiet=True)
+    resumed = ablate.run_studies("ratio", "demo", data, tmp_path / "resumed", steps=2, overrides=SMALL,
+                                 device="cpu", nproc_per_node=2)["studies"]["ratio"]["rows"][0]
+    assert "error" not in fresh and "error" not in resumed
+    assert read_meta(latest_checkpoint(partial))["step"] == 2
+    assert resumed["val_loss"] == pytest.approx(fresh["val_loss"], rel=1e-5)
