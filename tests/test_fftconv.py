@@ -163,3 +163,15 @@ def test_dispatch_and_mhf_module_on_gpu():
     x = torch.randn(2, 700, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert rel(fast(x), ref(x)) < 2e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_triton_path_takes_a_filter_shared_across_the_batch():
+    """SWH convolves every sample with one kernel ([1, L, D]); the kernels must not read past it."""
+    v = torch.randn(3, 1000, 64, device="cuda").bfloat16().requires_grad_()
+    g = torch.randn(1, 1000, 64, device="cuda").bfloat16().requires_grad_()
+    y = causal_fft_conv(v, g, "fast")
+    assert rel(y, causal_fft_conv_reference(v.double(), g.double())) < 1e-2
+    y.float().square().sum().backward()
+    assert g.grad.shape == g.shape and torch.isfinite(g.grad).all()

@@ -167,6 +167,8 @@ def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Ten
     TritonStages' tile settings (benchmarks)."""
     if v.dtype != g.dtype:
         g = g.to(v.dtype)
+    if g.shape != v.shape:  # a filter shared across the batch (SWH's): the kernels read one row per sample
+        g = g.expand_as(v).contiguous()
     v, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (v, g))
     return _MonarchConv.apply(v, g, TritonStages(v.shape[1], v.device, v.dtype, **tiles))
 
