@@ -61,11 +61,18 @@ def _sliding_block_mask(length: int, window: int, device: str):
     return create_block_mask(sliding, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
 
-def attention_path(device: torch.device, window: int | None) -> str:
-    """The kernel used for this device and window: the one place that chooses it."""
+FLEX_BLOCK = 128  # flex_attention's block size: lengths that are multiples of it get the block-sparse kernel
+
+
+def attention_path(device: torch.device, window: int | None, length: int | None = None) -> str:
+    """The kernel used for this device, window and length: the one place that chooses it. A sliding window
+    on CUDA runs flex_attention at whole multiples of its block (training contexts); other lengths, such as
+    lm-eval's requests of every size, take SDPA with a band mask rather than a compilation per length."""
     if window is None:
         return "sdpa-flash" if device.type == "cuda" else "sdpa"
-    return "flex_attention" if device.type == "cuda" else "sdpa+band-mask"
+    if device.type == "cuda" and (length is None or length % FLEX_BLOCK == 0):
+        return "flex_attention"
+    return "sdpa+band-mask"
 
 
 class Attention(nn.Module):
@@ -91,7 +98,8 @@ class Attention(nn.Module):
         self.out.residual_projection = True
 
     def path(self, device: torch.device) -> str:
-        return attention_path(device, self.window)
+        path = attention_path(device, self.window)
+        return path + f" (L % {FLEX_BLOCK} == 0; sdpa+band-mask otherwise)" if path == "flex_attention" else path
 
     def _rope(self, q, k, start: int):
         cos, sin = rope_tables(start + q.shape[2], self.d_head, self.rope_theta, q.device)
@@ -108,7 +116,7 @@ class Attention(nn.Module):
             y = self._attend_cached(q, k, v, cache)
         elif self.window is None or self.window >= L:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif x.device.type == "cuda":
+        elif attention_path(x.device, self.window, L) == "flex_attention":
             y = _compiled_flex()(q, k, v, block_mask=_sliding_block_mask(L, self.window, str(x.device)))
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(L, L, self.window, x.device))
