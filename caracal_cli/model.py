@@ -112,8 +112,13 @@ class LanguageModel(nn.Module):
         return [block.mixer.init_cache(batch, max_len, device, dtype) for block in self.blocks]
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return next_token_loss(self(input_ids), targets)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits [B, L, vocab] against targets [B, L], in float32 whatever the logits' dtype:
+    the one loss that training, validation, the speed benchmark and the memory estimate share."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def _cache_pos(caches: list) -> int:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from caracal_cli import __version__
 from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset
@@ -38,7 +37,7 @@ from caracal_cli.device import resolve_device
 from caracal_cli.fileio import atomic_path, write_json
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
-from caracal_cli.model import build_model, count_parameters, mixer_paths
+from caracal_cli.model import build_model, count_parameters, mixer_paths, next_token_loss
 
 DEFAULT_MODELS = ("caracal", "llama", "mamba", "mamba2", "jamba", "swh")
 SIZES = ("tiny", "small", "medium", "large", "demo")
@@ -328,7 +327,7 @@ def train_point(model, runner, length: int, settings: SpeedSettings, device: tor
     def run(_):
         with _autocast(device, settings.torch_dtype):
             logits = runner(ids)
-        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        next_token_loss(logits, targets).backward()
 
     times = time_runs(run, setup, settings.repeats, settings.warmup, device)
     model.zero_grad(set_to_none=True)
