@@ -139,7 +139,7 @@ def run_variant(study: Study, variant: Variant, preset: str, shared: list[str], 
         params = count_parameters(build_model(config.model))["total"]
     started = time.time()
     _train_variant(config, overrides, preset, data, run_dir, device, nproc_per_node)
-    model, config, _, ckpt = load_model(run_dir, "cuda" if device == "cuda" else "cpu")
+    model, config, _, ckpt = load_model(run_dir, "cuda" if device == "cuda" else "cpu", with_tokenizer=False)
     val_loss = evaluate_val_loss(model, data, config, next(model.parameters()).device, config.train.eval_tokens)
     result: dict[str, Any] = {
         "variant": variant.name, "label": variant.label, "overrides": list(variant.overrides),

@@ -146,8 +146,9 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
                               f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, config, tokenizer, checkpoint_dir) from a run directory or a checkpoint directory."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True):
+    """(model, config, tokenizer, checkpoint_dir) from a run directory or a checkpoint directory; the tokenizer
+    is None with with_tokenizer=False (scoring token ids needs no tokenizer library)."""
     from caracal_cli.model import build_model
     from caracal_cli.tokenizer import load_tokenizer
 
@@ -156,7 +157,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model = build_model(config.model)
     load_weights(model, ckpt)
     model.to(device).eval()
-    return model, config, load_tokenizer(run_dir), ckpt
+    return model, config, load_tokenizer(run_dir) if with_tokenizer else None, ckpt
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:

@@ -419,12 +419,14 @@ def speed(
     out: Optional[Path] = typer.Option(None, help="Output directory (default: runs/speed-<timestamp>)."),
     mixers: bool = typer.Option(False, "--mixers", help="Time the mixers alone (MHF, attention, SWA, Mamba) and "
                                 "the bare FFT convolution against its memory-traffic floor, instead of models."),
+    overrides: list[str] = typer.Option([], "--set", help="Override every model's preset: section.key=value "
+                                        "(e.g. model.mixers.F.fft_impl=auto)."),
 ):
     """Throughput and memory against sequence length, for every model family."""
     from caracal_cli.speed import default_out_dir, parse_settings, run_speed, speed_tables, write_report
 
     settings = parse_settings(models, size, lengths, tokens_per_step, mode, dtype, compile, repeats, warmup,
-                              device, decode_tokens, mixers)
+                              device, decode_tokens, mixers, overrides)
     err_console.print(f"caracal speed on {settings.device}, {settings.dtype}: {settings.command()}", highlight=False)
 
     def progress(entry: dict):

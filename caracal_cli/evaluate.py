@@ -290,7 +290,7 @@ class CaracalLM(TemplateLM):
         batch, length = ids.shape
         steps = min(max_new, self.max_length - length)
         caches = self.model.init_caches(batch, length + steps)
-        logits = self.model(ids, caches)[:, -1]  # [B, vocab]
+        logits = self.model(ids, caches, last_only=True)[:, -1]  # [B, vocab]
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         for step in range(steps):

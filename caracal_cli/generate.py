@@ -45,7 +45,7 @@ def generate_ids(model, prompt: list[int], max_new_tokens: int, temperature: flo
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     caches = model.init_caches(1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt], device=device), caches)[:, -1]
+    logits = model(torch.tensor([prompt], device=device), caches, last_only=True)[:, -1]
     produced: list[int] = []
     for _ in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from caracal_cli.config import Config, list_presets, load_preset
-from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths, next_token_loss
+from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
 from caracal_cli.monitor import PEAK_FLOPS
 
 
@@ -36,8 +36,7 @@ def train_memory_estimate(config: Config, micro_batch: int | None = None) -> dic
     ids = torch.zeros(micro, config.model.context, dtype=torch.long, device="meta")
     with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         warnings.simplefilter("ignore")  # bf16 weights with float32 norms' inputs: fine for counting bytes
-        logits = model(ids)
-        next_token_loss(logits, ids)
+        model(ids, targets=ids)
     saved = sum(t.numel() * t.element_size() for t in kept.values())
     states = 16 * count_parameters(model)["total"]
     return {"micro_batch": micro, "activations_gib": saved / 2**30, "states_gib": states / 2**30,

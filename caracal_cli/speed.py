@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 from caracal_cli import __version__
-from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset
+from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset, parse_override
 from caracal_cli.device import resolve_device
 from caracal_cli.fileio import atomic_path, write_json
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
-from caracal_cli.model import build_model, count_parameters, mixer_paths, next_token_loss
+from caracal_cli.model import build_model, count_parameters, mixer_paths
 
 DEFAULT_MODELS = ("caracal", "llama", "mamba", "mamba2", "jamba", "swh")
 SIZES = ("tiny", "small", "medium", "large", "demo")
@@ -82,6 +82,7 @@ class SpeedSettings:
     device: str = "cpu"
     decode_tokens: int = 32
     mixers: bool = False
+    overrides: list[str] = field(default_factory=list)  # --set, applied to every model's preset
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -95,6 +96,8 @@ class SpeedSettings:
                 "--dtype", self.dtype, "--repeats", str(self.repeats), "--warmup", str(self.warmup),
                 "--decode-tokens", str(self.decode_tokens), "--device", self.device]
         args += ["--compile"] * self.compile + ["--mixers"] * self.mixers
+        for override in self.overrides:
+            args += ["--set", override]
         return shlex.join(args)
 
 
@@ -120,7 +123,8 @@ def _split(text: str, option: str) -> list[str]:
 def parse_settings(models: str | None = None, size: str = "small", lengths: str | None = None,
                    tokens_per_step: int = 65536, mode: str = "train", dtype: str | None = None,
                    compile: bool = False, repeats: int = 5, warmup: int = 2, device: str = "auto",
-                   decode_tokens: int = 32, mixers: bool = False) -> SpeedSettings:
+                   decode_tokens: int = 32, mixers: bool = False,
+                   overrides: list[str] | tuple[str, ...] = ()) -> SpeedSettings:
     """Check the command-line options and resolve the defaults that depend on the device."""
     model_list = list(dict.fromkeys(_split(models, "--models"))) if models is not None else list(DEFAULT_MODELS)
     known = known_models()
@@ -145,13 +149,15 @@ def parse_settings(models: str | None = None, size: str = "small", lengths: str 
                                ("--warmup", warmup, 0), ("--decode-tokens", decode_tokens, 1)):
         if value < least:
             raise SpeedError(f"{name} must be >= {least}, got {value}")
+    for override in overrides:
+        parse_override(override)  # a malformed --set is one error, not one per model
     device = str(resolve_device(device))
     if dtype is None:
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPES:
         raise SpeedError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     return SpeedSettings(model_list, size, length_list, tokens_per_step, modes, dtype, compile, repeats, warmup,
-                         device, decode_tokens, mixers)
+                         device, decode_tokens, mixers, list(overrides))
 
 
 # --- environment and measurement ----------------------------------------------------------------------------
@@ -326,8 +332,8 @@ def train_point(model, runner, length: int, settings: SpeedSettings, device: tor
 
     def run(_):
         with _autocast(device, settings.torch_dtype):
-            logits = runner(ids)
-        next_token_loss(logits, targets).backward()
+            loss = runner(ids, targets=targets)
+        loss.backward()
 
     times = time_runs(run, setup, settings.repeats, settings.warmup, device)
     model.zero_grad(set_to_none=True)
@@ -335,13 +341,14 @@ def train_point(model, runner, length: int, settings: SpeedSettings, device: tor
 
 
 def prefill_point(model, runner, length: int, settings: SpeedSettings, device: torch.device) -> dict[str, Any]:
-    """Forward only (inference_mode) at the token budget."""
+    """Forward only (inference_mode) at the token budget, ending in the last position's logits (what the next
+    token is sampled from)."""
     batch, note = budget_batch(length, settings.tokens_per_step)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
 
     def run(_):
         with torch.inference_mode(), _autocast(device, settings.torch_dtype):
-            runner(ids)
+            runner(ids, last_only=True)
 
     times = time_runs(run, lambda: None, settings.repeats, settings.warmup, device)
     return {"batch": batch, "tokens": batch * length, "unit": "ms/step", "note": note, **summarize(times)}
@@ -359,7 +366,7 @@ def decode_point(model, runner, length: int, settings: SpeedSettings, device: to
     def setup():
         with torch.inference_mode(), _autocast(device, dtype):
             caches = model.init_caches(1, length + steps, device=device, dtype=dtype)
-            token = runner(context, caches)[:, -1:].argmax(-1)
+            token = runner(context, caches, last_only=True).argmax(-1)
         if device.type == "cuda":  # the peak is the decoding's (weights, caches, one step), not the prefill's
             torch.cuda.reset_peak_memory_stats(device)
         return caches, token
@@ -416,7 +423,7 @@ def _model_info(name: str, settings: SpeedSettings, device: torch.device,
     preset = preset_name(name, settings.size)
     info: dict[str, Any] = {"preset": preset}
     try:
-        config = load_preset(preset)
+        config = load_preset(preset, settings.overrides)
     except ConfigError as err:
         return None, {**info, "status": "error", "reason": str(err)}
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ from caracal_cli.config import CaracalError, Config, load_preset
 from caracal_cli.device import resolve_device
 from caracal_cli.fileio import write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
-from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths, next_token_loss
+from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
 from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, require_tensorboard
 from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches
 from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
@@ -259,8 +259,7 @@ def evaluate_val_loss(model: torch.nn.Module, data_dir: str | Path, config: Conf
         x, y = windows.batch(*batches[index if index < len(batches) else 0])
         x, y = x.to(device), y.to(device)
         with autocast(device, config.train.dtype):
-            logits = model(x)
-        loss = next_token_loss(logits, y, reduction="sum")
+            loss = model(x, targets=y, reduction="sum")
         if index < len(batches):  # a padding batch only keeps the ranks in step
             totals += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
     if world > 1:
@@ -496,8 +495,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                     with _grad_sync(train_model, micro == plan.grad_accum - 1, sharded):
                         with autocast(dev, tc.dtype):
-                            logits = train_model(x)  # [B, L, vocab]
-                        loss = next_token_loss(logits, y)
+                            loss = train_model(x, targets=y)
                         scaler.scale(loss / plan.grad_accum).backward()
                     loss_sum += loss.detach()
                 # One collective per step: mean loss, and whether any rank was asked to stop.

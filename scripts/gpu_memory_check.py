@@ -24,7 +24,7 @@ def one_step(name: str) -> tuple[str, float]:
     try:
         for _ in range(2):  # the second step holds the optimizer state too
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model.loss(ids[:, :-1], ids[:, 1:])
+                loss = model(ids[:, :-1], targets=ids[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

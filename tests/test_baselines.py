@@ -235,7 +235,7 @@ def test_demo_preset_trains_on_cpu(family):
     ids = torch.randint(0, config.model.vocab_size, (2, 65))
     losses = []
     for _ in range(4):  # three optimizer steps, and the loss after them
-        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
         losses.append(loss.item())
         if len(losses) == 4:
             break

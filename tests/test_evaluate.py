@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory):
     for _ in range(150):
         starts = torch.randint(0, len(stream) - CONTEXT - 1, (16,))
         batch = torch.stack([stream[s:s + CONTEXT + 1] for s in starts.tolist()])
-        loss = model.loss(batch[:, :-1], batch[:, 1:])
+        loss = model(batch[:, :-1], targets=batch[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -173,7 +173,7 @@ def test_rolling_loglikelihood_equals_the_model_loss_in_disjoint_windows(lm):
     answers = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(short,), (long,)]), disable_tqdm=True)
     sequence = torch.tensor([tok.eot_id] + tok.encode(short))  # one window: EOT, then the text
     with torch.no_grad():
-        expected = -float(lm.model.loss(sequence[None, :-1], sequence[None, 1:])) * (len(sequence) - 1)
+        expected = -float(lm.model(sequence[None, :-1], targets=sequence[None, 1:])) * (len(sequence) - 1)
     assert type(answers[0]) is float and answers[0] == pytest.approx(expected, rel=1e-5)
     # Longer than the context: disjoint chunks of CONTEXT predicted tokens, each seeing the token before it;
     # the last, shorter chunk sees a full context of earlier tokens (lm-eval's windows, as HFLM scores them).
@@ -183,7 +183,7 @@ def test_rolling_loglikelihood_equals_the_model_loss_in_disjoint_windows(lm):
         for start in range(0, len(sequence) - 1, CONTEXT):
             end = min(start + CONTEXT, len(sequence) - 1)  # predicts sequence[start + 1 : end + 1]
             if end - start == CONTEXT:
-                expected -= float(lm.model.loss(sequence[None, start:end], sequence[None, start + 1:end + 1])) * CONTEXT
+                expected -= float(lm.model(sequence[None, start:end], targets=sequence[None, start + 1:end + 1])) * CONTEXT
             else:
                 first = max(0, end - CONTEXT)
                 logits = lm.model(sequence[None, first:end])[0]

@@ -97,8 +97,8 @@ def test_mhf_reports_its_path_and_validates_fft_impl(monkeypatch):
     mhf = build_mixer({"kind": "mhf"}, model)
     assert mhf.path(torch.device("cpu")) == "torch.fft (float32)"
     monkeypatch.setattr(fftconv, "TRITON_AVAILABLE", True)
-    assert mhf.path(torch.device("cuda")) == "torch.fft (float32)"  # the default until the kernels are timed
-    assert build_mixer({"kind": "mhf", "fft_impl": "auto"}, model).path(torch.device("cuda")).startswith("triton")
+    assert mhf.path(torch.device("cuda")).startswith("triton")  # auto, the default: the kernels on CUDA
+    assert build_mixer({"kind": "mhf", "fft_impl": "torch"}, model).path(torch.device("cuda")) == "torch.fft (float32)"
     with pytest.raises(ConfigError, match="fft_impl"):
         build_mixer({"kind": "mhf", "fft_impl": "cufft"}, model)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from caracal_cli.config import list_presets, load_preset
-from caracal_cli.model import build_model, count_parameters, flops_per_token
+from caracal_cli.model import build_model, count_parameters, flops_per_token, next_token_loss
 from conftest import small_model_config
 
 # Millions of parameters in the paper's table (GPT-2 vocabulary, tied embeddings).
@@ -66,7 +66,7 @@ def test_model_is_causal(name):
 def test_model_gradients_reach_every_parameter(name):
     model = build_model(small_model_config(**PATTERNS[name]))
     ids = torch.randint(0, 97, (2, 16))
-    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
 
@@ -102,7 +102,7 @@ def test_training_is_stable_at_short_and_long_context(length):
     assert out.std() < 1.0  # init scale independent of L (√(t+1) normalisation)
     losses = []
     for _ in range(8):
-        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -122,3 +122,59 @@ def test_micro_batch_fits_a_24_gb_gpu_by_estimate(name):
 
     estimate = train_memory_estimate(load_preset(name))
     assert estimate["total_gib"] < 22, estimate  # leave room for transient buffers and allocator slack
+
+
+# --- the chunked next-token loss ------------------------------------------------------------------------------
+def _plain_loss(hidden, weight, targets, reduction):
+    logits = hidden.flatten(0, 1) @ weight.t()
+    return torch.nn.functional.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits,
+                                             targets.flatten(), reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 30, 1000])  # 30 rows: uneven chunks, one row, one chunk, more
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, reduction):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 15, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 15))
+    got = next_token_loss(hidden, weight, targets, reduction, chunk_rows=chunk_rows)
+    want = _plain_loss(hidden, weight, targets, reduction)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    upstream = torch.tensor(0.37, dtype=torch.float64)  # a non-unit upstream gradient reaches both inputs
+    got_grads = torch.autograd.grad(got * upstream, (hidden, weight))
+    want_grads = torch.autograd.grad(want * upstream, (hidden, weight))
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():  # the no-grad path (validation) gives the same number
+        assert torch.allclose(next_token_loss(hidden, weight, targets, reduction, chunk_rows=chunk_rows), want,
+                              rtol=1e-12, atol=0)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_head():
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 32, 64, requires_grad=True)
+    weight = torch.randn(300, 64, requires_grad=True)
+    targets = torch.randint(0, 300, (4, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = next_token_loss(hidden, weight, targets, chunk_rows=20)
+        want = _plain_loss(hidden, weight, targets, "mean")
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) < 1e-3 * want.item()
+    for g, w in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+        assert g.dtype == w.dtype == torch.float32
+        assert ((g - w).norm() / w.norm()).item() < 2e-2
+
+
+def test_loss_keeps_no_logits_sized_tensor_for_the_backward():
+    model = build_model(small_model_config(vocab_size=4000)).double()  # logits dwarf every activation
+    ids = torch.randint(0, model.config.vocab_size, (2, 33))
+    rows, vocab = 2 * 32, model.config.vocab_size
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+    assert max(saved) < rows * vocab
+    logits = model(ids[:, :-1])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert torch.allclose(loss, want, rtol=1e-12)
+    assert torch.allclose(model(ids, last_only=True), model(ids)[:, -1:], rtol=1e-12, atol=1e-15)

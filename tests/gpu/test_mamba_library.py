@@ -78,7 +78,7 @@ def test_demo_model_trains_on_the_library_path_and_decodes_like_it(family):
     losses = []
     for _ in range(4):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(ids[:, :-1], ids[:, 1:])
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
