@@ -178,3 +178,19 @@ def test_loss_keeps_no_logits_sized_tensor_for_the_backward():
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     assert torch.allclose(loss, want, rtol=1e-12)
     assert torch.allclose(model(ids, last_only=True), model(ids)[:, -1:], rtol=1e-12, atol=1e-15)
+
+
+def test_compiled_model_gives_the_eager_loss_and_gradients():
+    """torch.compile traces the blocks and leaves the FFT convolution and the chunked loss eager (graph breaks);
+    aot_eager runs dynamo and AOTAutograd as inductor would, without generating code."""
+    torch._dynamo.reset()
+    model = build_model(small_model_config(vocab_size=300))
+    ids = torch.randint(0, 300, (2, 17))
+    eager = model(ids[:, :-1], targets=ids[:, 1:])
+    want = torch.autograd.grad(eager, list(model.parameters()))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    loss = compiled(ids[:, :-1], targets=ids[:, 1:])
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    assert torch.allclose(loss, eager, rtol=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)

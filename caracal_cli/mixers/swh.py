@@ -34,9 +34,9 @@ def oscillator_kernel(decay: torch.Tensor, freq: torch.Tensor, length: int, dtyp
 
 
 def block_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int) -> torch.Tensor:
-    """[len(q_pos), len(k_pos)] booleans: key j is visible to query i when j ≤ i and j lies in i's chunk or
-    the one before (j ≥ 0 marks a real key)."""
-    i, j = q_pos.unsqueeze(1), k_pos.unsqueeze(0)
+    """[…, len(q_pos), len(k_pos)] booleans (positions may carry leading batch axes): key j is visible to
+    query i when j ≤ i and j lies in i's chunk or the one before (j ≥ 0 marks a real key)."""
+    i, j = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
     return (j <= i) & (j >= 0) & (j // chunk >= i // chunk - 1)
 
 
@@ -56,7 +56,7 @@ def chunked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     keys, values = with_prev(k), with_prev(v)  # [B, H, nc, 2W, dh]
     pos = torch.arange(nc * W, device=q.device).reshape(nc, W)
     key_pos = torch.cat([pos - W, pos], dim=1)  # chunk 0's padding gets negative positions
-    mask = torch.stack([block_causal_mask(pos[c], key_pos[c], W) for c in range(nc)])  # [nc, W, 2W]
+    mask = block_causal_mask(pos, key_pos, W)  # [nc, W, 2W], in one op (a loop over chunks was L/W launches)
     y = F.scaled_dot_product_attention(  # chunks folded into the head axis: 4-D inputs for every backend
         q.reshape(B, H * nc, W, dh), keys.reshape(B, H * nc, 2 * W, dh), values.reshape(B, H * nc, 2 * W, dh),
         attn_mask=mask.repeat(H, 1, 1))
