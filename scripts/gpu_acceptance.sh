@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU acceptance runs of the issues, in three parts that each fit a 10-minute slot on one H100:
+#
+#   bash scripts/gpu_acceptance.sh tests    # GPU tests, memory per preset at 24 GB, the FFT-convolution bench
+#   bash scripts/gpu_acceptance.sh speed    # caracal speed, small size, every model and mode (one run each)
+#   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
+#   bash scripts/gpu_acceptance.sh ablate   # the MHF:SWA ratio study at the tiny size
+#
+# Needs: mamba_ssm's wheel in .whl/ (see shared/wheels/README.md; installed into /tmp/site here), and for
+# train/ablate the Shakespeare shards (`caracal prepare shakespeare --out .gpudata/shakespeare-gpt2`). Logs and
+# JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
+# With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
+set -uo pipefail
+part=${1:?usage: gpu_acceptance.sh tests|speed|train|ablate}
+WORK=${WORK:-/tmp/gpu-acceptance}
+mkdir -p "$WORK"
+collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+DATA=${DATA:-.gpudata/shakespeare-gpt2}
+caracal() { python3 -m caracal_cli "$@"; }
+step() {  # step NAME SECONDS COMMAND…: run with a limit, log to $WORK/NAME.log, say how it ended
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+    echo "$name: exit $?" | tee -a "$WORK/status.log"
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+case $part in
+tests)
+    step gputests 300 python3 -m pytest -v -s -rs -p no:cacheprovider -m gpu tests
+    step memory 150 python3 scripts/gpu_memory_check.py large medium medium-4k small llama-large swh-large \
+        mamba-large mamba2-large jamba-large
+    step bench 180 env OUT="$WORK" python3 scripts/bench_fftconv.py --budget-s 120 --mhf 2048 16384 --swa 2048
+    collect "$WORK"/{gputests,memory,bench,status}.log "$WORK/bench_fftconv.json"
+    grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$WORK/gputests.log" | tail -n 30
+    tail -n 12 "$WORK/memory.log"; tail -n 30 "$WORK/bench.log"
+    ;;
+speed)
+    S=(speed --size small --mode all --repeats 3 --warmup 1 --decode-tokens 16)
+    for model in llama caracal mamba mamba2 jamba swh; do
+        step "speed_$model" 150 caracal "${S[@]}" --models "$model" --out "$WORK/speed_$model"
+    done
+    step speed_caracal_torchfft 150 caracal "${S[@]}" --models caracal --set model.mixers.F.fft_impl=torch \
+        --out "$WORK/speed_caracal_torchfft"
+    collect "$WORK"/speed_*/speed.json "$WORK/status.log"
+    cat "$WORK/status.log"
+    ;;
+train)
+    step train_compare 420 env TOKENS=${TOKENS:-26214400} RUNS=/tmp/compare bash scripts/gpu_train_compare.sh
+    for preset in llama-tiny tiny; do
+        cp "/tmp/compare/$preset/metrics.jsonl" "$WORK/metrics_$preset.jsonl" 2>/dev/null
+        step "profile_$preset" 120 python3 scripts/profile_step.py --preset "$preset" --compile \
+            --json "$WORK/profile_$preset.json"
+    done
+    collect /tmp/compare/summary.json "$WORK"/{train_compare,status}.log "$WORK"/metrics_*.jsonl "$WORK"/profile_*.json
+    tail -n 4 "$WORK/train_compare.log"; tail -n 32 "$WORK/profile_llama-tiny.log" "$WORK/profile_tiny.log"
+    ;;
+ablate)
+    step ablate 540 caracal ablate --study ratio --size tiny --data "$DATA" --tokens ${TOKENS:-20971520} \
+        --set train.global_batch_tokens=131072 --set train.warmup_tokens=1048576 --set train.eval_every=40 \
+        --set train.eval_tokens=131072 --set train.checkpoint_every=1000 --device cuda --out "$WORK/ablate"
+    collect "$WORK"/ablate/ablation.{md,json} "$WORK"/{ablate,status}.log
+    cat "$WORK/ablate/ablation.md"
+    ;;
+*)
+    echo "unknown part $part (tests, speed, train or ablate)" >&2
+    exit 2
+    ;;
+esac

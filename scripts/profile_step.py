@@ -1,0 +1,140 @@
+"""Where a training step's time goes: one preset's forward + loss + backward + AdamW under torch.profiler, its
+kernels summed by kind (matmul, FFT, attention, SSM scan, loss, optimizer, …), with tokens/s and MFU.
+
+    PYTHONPATH=$PWD python3 scripts/profile_step.py --preset tiny [--compile] [--micro-batch 32] [--set k=v …]
+
+On CUDA it sums each kernel's GPU time; on a CPU, each operator's own CPU time (a rough guide only). Prints the
+table by kind and the heaviest kernels; writes everything as JSON to --json (default $OUT/profile_<preset>.json
+when OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from caracal_cli.config import load_preset
+from caracal_cli.device import resolve_device
+from caracal_cli.model import build_model, flops_per_token
+from caracal_cli.monitor import peak_flops_for
+from caracal_cli.recipe import build_optimizer
+
+# First match wins; names are lower-cased kernel names (CUDA) or operator names (CPU).
+KINDS = [
+    ("loss", r"logsumexp|nll_loss|cross_entropy|log_softmax|chunkedlinearcrossentropy"),
+    ("fft", r"fft|_analysis_kernel|_spectral_kernel|_synthesis_kernel"),
+    ("attention", r"flash|fmha|flex|attention|sdpa|triton_tem"),
+    ("ssm scan", r"selective_scan|ssd|chunk_scan|chunk_state|state_passing|bmm_chunk|causal_conv1d"),
+    ("matmul", r"gemm|cutlass|xmma|cublas|aten::mm$|aten::addmm|aten::bmm|aten::matmul|aten::linear|nvjet"),
+    ("conv", r"conv"),
+    ("optimizer", r"adam|multi_tensor|foreach|optimizer"),
+    ("norm", r"norm|rms"),
+    ("softmax/reduce", r"softmax|reduce|sum_|aten::sum|aten::mean|aten::max"),
+    ("fused (inductor)", r"triton_poi|triton_red|triton_per"),
+    ("copy/cast", r"copy|memcpy|memset|cat|aten::to$|_to_copy|fill"),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, lowered):
+            return kind
+    return "elementwise/other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: the preset's)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--top", type=int, default=15, help="heaviest kernels listed")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    config = load_preset(args.preset, args.overrides)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.micro_batch or config.train.micro_batch
+    length = config.model.context
+    model = build_model(config.model).to(device)
+    optimizer = build_optimizer(model, config.train, device)
+    runner = torch.compile(model) if args.compile else model
+    ids = torch.randint(0, config.model.vocab_size, (batch, length + 1), device=device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+            loss = runner(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    begin = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    step_s = (time.perf_counter() - begin) / args.steps  # timed without the profiler's overhead
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        sync()
+    per_kernel: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        spent = event.self_device_time_total if cuda else event.self_cpu_time_total  # microseconds
+        if spent > 0 and (cuda or event.key.startswith("aten::")):
+            per_kernel[event.key] += spent / 1e3 / args.steps  # ms per step
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, ms in per_kernel.items():
+        by_kind[kind_of(name)] += ms
+    counted = sum(by_kind.values())
+
+    tokens = batch * length
+    flops = flops_per_token(model, length)["train"] * tokens
+    peak = peak_flops_for(device)  # None on a CPU or an unknown GPU
+    report = {
+        "preset": args.preset, "overrides": args.overrides, "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None, "torch": torch.__version__,
+        "compiled": args.compile, "micro_batch": batch, "context": length, "tokens_per_step": tokens,
+        "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s, "train_flops_per_step": flops,
+        "peak_flops": peak, "mfu": flops / step_s / peak if peak else None,
+        "measured": "GPU kernel time" if cuda else "CPU operator self time",
+        "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]),
+    }
+    print(f"{args.preset} on {report['gpu'] or device}: {batch} x {length} tokens, step {report['step_ms']:.1f} ms, "
+          f"{report['tokens_per_s']:,.0f} tokens/s"
+          + (f", MFU {100 * report['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+    print(f"\n{report['measured']} per step, by kind ({counted:.1f} ms counted):")
+    for kind, ms in report["by_kind_ms"].items():
+        print(f"  {kind:<20}{ms:9.2f} ms {100 * ms / counted:6.1f}%")
+    print(f"\nheaviest {args.top}:")
+    for name, ms in report["top_kernels_ms"].items():
+        print(f"  {ms:9.2f} ms  {kind_of(name):<18} {name[:90]}")
+    path = args.json or (os.path.join(os.environ["OUT"], f"profile_{args.preset}.json") if os.environ.get("OUT")
+                         else None)
+    if path:
+        with open(path, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
