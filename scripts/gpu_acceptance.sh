@@ -4,6 +4,7 @@
 #   bash scripts/gpu_acceptance.sh tests    # GPU tests, memory per preset at 24 GB, the FFT-convolution bench
 #   bash scripts/gpu_acceptance.sh speed    # caracal speed, small size, every model and mode (one run each)
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
+#   bash scripts/gpu_acceptance.sh scale    # tiny again with MHF's scale=mean (the sqrt default stalled early)
 #   bash scripts/gpu_acceptance.sh ablate   # the MHF:SWA ratio study at the tiny size
 #
 # Needs: mamba_ssm's wheel in .whl/ (see shared/wheels/README.md; installed into /tmp/site here), and for
@@ -11,7 +12,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|speed|train|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|speed|train|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -63,6 +64,15 @@ train)
     collect /tmp/compare/summary.json "$WORK"/{train_compare,status}.log "$WORK"/metrics_*.jsonl "$WORK"/profile_*.json
     tail -n 4 "$WORK/train_compare.log"; tail -n 32 "$WORK/profile_llama-tiny.log" "$WORK/profile_tiny.log"
     ;;
+scale)
+    for scale in mean sqrt; do
+        step "train_scale_$scale" 280 env TOKENS=${TOKENS:-26214400} RUNS=/tmp/scale-$scale SKIP_LLAMA=1 \
+            CARACAL_SETS="model.mixers.F.scale=$scale" bash scripts/gpu_train_compare.sh
+        cp "/tmp/scale-$scale/tiny/metrics.jsonl" "$WORK/metrics_tiny_scale_$scale.jsonl" 2>/dev/null
+    done
+    collect "$WORK"/train_scale_*.log "$WORK"/metrics_tiny_scale_*.jsonl "$WORK/status.log"
+    tail -n 3 "$WORK"/train_scale_*.log
+    ;;
 ablate)
     step ablate 540 caracal ablate --study ratio --size tiny --data "$DATA" --tokens ${TOKENS:-20971520} \
         --set train.global_batch_tokens=131072 --set train.warmup_tokens=1048576 --set train.eval_every=40 \
@@ -71,7 +81,7 @@ ablate)
     cat "$WORK/ablate/ablation.md"
     ;;
 *)
-    echo "unknown part $part (tests, speed, train or ablate)" >&2
+    echo "unknown part $part (tests, speed, train, scale or ablate)" >&2
     exit 2
     ;;
 esac

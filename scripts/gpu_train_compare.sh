@@ -12,7 +12,8 @@
 # Then on the GPU machine, from the repository root (torch, typer, rich, pyyaml, safetensors installed;
 # no network, no `datasets` or `lm-eval` needed):
 #   bash scripts/gpu_train_compare.sh
-# Knobs (environment): TOKENS (per model), BATCH (global batch tokens), LR, DATA, RUNS, COMPILE_CARACAL=0|1.
+# Knobs (environment): TOKENS (per model), BATCH (global batch tokens), LR, DATA, RUNS, COMPILE_CARACAL=0|1,
+# CARACAL_SETS (extra `key=value` overrides for Caracal only, space-separated), SKIP_LLAMA=1.
 set -euo pipefail
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -46,16 +47,19 @@ train() {  # train PRESET [extra args…]
     "$PYTHON" -m caracal_cli train --preset "$preset" --out "$RUNS/$preset" "${COMMON[@]}" "$@"
 }
 
-train llama-tiny --compile
+CARACAL_ARGS=()
+for override in ${CARACAL_SETS:-}; do CARACAL_ARGS+=(--set "$override"); done
+
+[ "${SKIP_LLAMA:-0}" = 1 ] || train llama-tiny --compile
 if [ "$COMPILE_CARACAL" = 1 ]; then
-    if ! train tiny --compile; then
+    if ! train tiny --compile "${CARACAL_ARGS[@]}"; then
         echo "Caracal with torch.compile failed; training it eagerly instead" >&2
         rm -rf "$RUNS/tiny"
-        train tiny
+        train tiny "${CARACAL_ARGS[@]}"
         echo eager > "$RUNS/tiny/eager"
     fi
 else
-    train tiny
+    train tiny "${CARACAL_ARGS[@]}"
     echo eager > "$RUNS/tiny/eager"
 fi
 
@@ -68,6 +72,8 @@ manifest = json.loads((data / "manifest.json").read_text())
 train_tokens = sum(s["tokens"] for s in manifest["splits"]["train"])
 rows = []
 for preset in ("tiny", "llama-tiny"):
+    if not (runs / preset / "metrics.jsonl").exists():
+        continue
     records = [json.loads(line) for line in (runs / preset / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_loss" in r]
