@@ -420,7 +420,8 @@ def speed(
     mixers: bool = typer.Option(False, "--mixers", help="Time the mixers alone (MHF, attention, SWA, Mamba) and "
                                 "the bare FFT convolution against its memory-traffic floor, instead of models."),
     overrides: list[str] = typer.Option([], "--set", help="Override every model's preset: section.key=value "
-                                        "(e.g. model.mixers.F.fft_impl=auto)."),
+                                        "(e.g. model.mixers.F.fft_impl=torch); a model whose preset rejects it "
+                                        "is reported as an error row."),
 ):
     """Throughput and memory against sequence length, for every model family."""
     from caracal_cli.speed import default_out_dir, parse_settings, run_speed, speed_tables, write_report

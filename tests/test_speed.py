@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from caracal_cli import speed
 from caracal_cli.cli import app
 from caracal_cli.mixers.mhf import MHF
-from caracal_cli.model import build_model
+from caracal_cli.config import load_preset
+from caracal_cli.model import build_model, count_parameters
 from tests.conftest import small_model_config
 
 runner = CliRunner()
@@ -61,6 +62,22 @@ def test_speed_all_modes_writes_json_and_png(tmp_path):
     assert {(r["mode"], r["length"]) for r in report["ratios"]} == {(m, n) for m in speed.MODES for n in (64, 128)}
     assert (tmp_path / "speed.png").read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_set_overrides_every_preset_and_a_preset_that_rejects_it_is_an_error_row(tmp_path):
+    args = ["speed", "--size", "demo", "--lengths", "64", "--tokens-per-step", "128", "--repeats", "1",
+            "--warmup", "0", "--models", "caracal,llama", "--mode", "prefill", "--out", str(tmp_path),
+            "--set", "model.mixers.F.gate_kernel=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["command"].endswith("--set model.mixers.F.gate_kernel=1")
+    assert report["settings"]["overrides"] == ["model.mixers.F.gate_kernel=1"]
+    with torch.device("meta"):
+        default = count_parameters(build_model(load_preset("demo").model))["total"]
+    assert report["models"]["caracal"]["params"] < default  # Conv1d_G2 of one tap instead of three
+    llama = next(e for e in report["results"] if e["model"] == "llama")
+    assert llama["status"] == "error" and "model.mixers.F" in llama["reason"]  # llama-demo has no MHF mixer
 
 
 def test_speed_mixers_micro_benchmark(tmp_path):
@@ -171,6 +188,7 @@ def test_token_budget_and_summary():
         (["--lengths", "512,abc"], "comma-separated integers"),
         (["--dtype", "fp8"], "unknown dtype 'fp8'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--set", "fft_impl"], "override 'fft_impl' must look like key.path=value"),
     ],
 )
 def test_bad_input_is_one_line(args, message):
