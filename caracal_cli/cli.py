@@ -422,12 +422,15 @@ def speed(
     overrides: list[str] = typer.Option([], "--set", help="Override every model's preset: section.key=value "
                                         "(e.g. model.mixers.F.fft_impl=torch); a model whose preset rejects it "
                                         "is reported as an error row."),
+    isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Measure each model in its own "
+                                           "process, so a leak or a failed CUDA context stays with the model that "
+                                           "caused it (default: on for CUDA)."),
 ):
     """Throughput and memory against sequence length, for every model family."""
     from caracal_cli.speed import default_out_dir, parse_settings, run_speed, speed_tables, write_report
 
     settings = parse_settings(models, size, lengths, tokens_per_step, mode, dtype, compile, repeats, warmup,
-                              device, decode_tokens, mixers, overrides)
+                              device, decode_tokens, mixers, overrides, isolate)
     err_console.print(f"caracal speed on {settings.device}, {settings.dtype}: {settings.command()}", highlight=False)
 
     def progress(entry: dict):

@@ -20,12 +20,16 @@ import gc
 import importlib.metadata
 import os
 import platform
+import json
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +87,9 @@ class SpeedSettings:
     decode_tokens: int = 32
     mixers: bool = False
     overrides: list[str] = field(default_factory=list)  # --set, applied to every model's preset
+    # Each model in its own process (the default on CUDA): a library's leaked memory or a poisoned CUDA context
+    # (an illegal memory access) then stays with the model that caused it.
+    isolate: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -98,6 +105,7 @@ class SpeedSettings:
         args += ["--compile"] * self.compile + ["--mixers"] * self.mixers
         for override in self.overrides:
             args += ["--set", override]
+        args += ["--isolate" if self.isolate else "--no-isolate"]
         return shlex.join(args)
 
 
@@ -124,7 +132,7 @@ def parse_settings(models: str | None = None, size: str = "small", lengths: str 
                    tokens_per_step: int = 65536, mode: str = "train", dtype: str | None = None,
                    compile: bool = False, repeats: int = 5, warmup: int = 2, device: str = "auto",
                    decode_tokens: int = 32, mixers: bool = False,
-                   overrides: list[str] | tuple[str, ...] = ()) -> SpeedSettings:
+                   overrides: list[str] | tuple[str, ...] = (), isolate: bool | None = None) -> SpeedSettings:
     """Check the command-line options and resolve the defaults that depend on the device."""
     model_list = list(dict.fromkeys(_split(models, "--models"))) if models is not None else list(DEFAULT_MODELS)
     known = known_models()
@@ -157,7 +165,8 @@ def parse_settings(models: str | None = None, size: str = "small", lengths: str 
     if dtype not in DTYPES:
         raise SpeedError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     return SpeedSettings(model_list, size, length_list, tokens_per_step, modes, dtype, compile, repeats, warmup,
-                         device, decode_tokens, mixers, list(overrides))
+                         device, decode_tokens, mixers, list(overrides),
+                         device.startswith("cuda") if isolate is None else isolate)
 
 
 # --- environment and measurement ----------------------------------------------------------------------------
@@ -463,6 +472,8 @@ def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None 
     device = torch.device(settings.device)
     report = {"schema": SCHEMA, "kind": "models", "command": settings.command(), "settings": asdict(settings),
               "environment": environment(device), "models": {}, "results": []}
+    if settings.isolate:
+        return _run_isolated(settings, report, progress)
     sweep = Sweep()
     for name in settings.models:
         model, info = _model_info(name, settings, device, sweep)
@@ -487,6 +498,44 @@ def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None 
         sweep(name, lambda: guarded(dict, device))  # frees the model, and notices a device that failed
     report["ratios"] = speed_ratios(report["results"])
     report["device_lost"] = sweep.lost
+    return report
+
+
+def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dict], None] | None) -> dict:
+    """run_models with each model measured by a child `caracal speed` process; a child that dies leaves its
+    model's points as errors naming how it ended, and the sweep goes on."""
+    lost = []
+    for name in settings.models:
+        child = replace(settings, models=[name], isolate=False)
+        with tempfile.TemporaryDirectory(prefix="caracal-speed-") as tmp:
+            argv = [sys.executable, "-m", "caracal_cli", *shlex.split(child.command())[1:], "--out", tmp]
+            # The child's progress lines (stderr) are passed on as they come; its tables (stdout) are not needed.
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            tail: deque[str] = deque(maxlen=20)
+            for line in proc.stderr:
+                tail.append(line)
+                if progress and line.startswith("  "):  # a point's line (the child's header names its command)
+                    sys.stderr.write(line)
+            code = proc.wait()
+            result_file = Path(tmp) / "speed.json"
+            sub = json.loads(result_file.read_text()) if code == 0 and result_file.is_file() else None
+        if sub is None:
+            last = next((line for line in reversed(tail) if line.strip()), "no output")
+            reason = f"the {name} process ended with exit code {code}: {last.strip()}"[:300]
+            report["models"][name] = {"preset": preset_name(name, settings.size), "status": "error", "reason": reason}
+            entries = [{"model": name, "preset": preset_name(name, settings.size), "mode": mode, "length": length,
+                        "status": "error", "reason": reason} for mode in settings.modes for length in settings.lengths]
+        else:
+            report["models"][name] = sub["models"][name]
+            entries = sub["results"]
+            if sub.get("device_lost"):
+                lost.append(f"{name}: {sub['device_lost']}")
+        report["results"] += entries
+        if progress and sub is None:  # the child's own lines showed the points it measured
+            for entry in entries:
+                progress(entry)
+    report["ratios"] = speed_ratios(report["results"])
+    report["device_lost"] = "; ".join(lost) or None
     return report
 
 

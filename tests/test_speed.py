@@ -71,13 +71,28 @@ def test_set_overrides_every_preset_and_a_preset_that_rejects_it_is_an_error_row
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "speed.json").read_text())
-    assert report["command"].endswith("--set model.mixers.F.gate_kernel=1")
+    assert report["command"].endswith("--set model.mixers.F.gate_kernel=1 --no-isolate")
     assert report["settings"]["overrides"] == ["model.mixers.F.gate_kernel=1"]
     with torch.device("meta"):
         default = count_parameters(build_model(load_preset("demo").model))["total"]
     assert report["models"]["caracal"]["params"] < default  # Conv1d_G2 of one tap instead of three
     llama = next(e for e in report["results"] if e["model"] == "llama")
     assert llama["status"] == "error" and "model.mixers.F" in llama["reason"]  # llama-demo has no MHF mixer
+
+
+def test_isolated_models_give_the_same_report_and_a_dead_process_is_error_rows(tmp_path, monkeypatch):
+    settings = speed.parse_settings("caracal,llama", "demo", "64", 128, "prefill", repeats=1, warmup=0,
+                                    device="cpu", isolate=True)
+    assert settings.command().endswith("--isolate")
+    report = speed.run_speed(settings)
+    assert [(e["model"], e["status"]) for e in report["results"]] == [("caracal", "ok"), ("llama", "ok")]
+    assert report["models"]["caracal"]["paths"]["MHF"].startswith("torch.fft") and report["device_lost"] is None
+    assert report["command"] == settings.command()  # the parent's command, not a child's
+
+    monkeypatch.setattr(speed.sys, "executable", "/bin/false")  # every child "crashes" at once
+    report = speed.run_speed(settings)
+    assert [e["status"] for e in report["results"]] == ["error", "error"]
+    assert all("process ended with exit code 1" in e["reason"] for e in report["results"])
 
 
 def test_speed_mixers_micro_benchmark(tmp_path):
