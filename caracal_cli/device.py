@@ -23,3 +23,11 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name != "cpu":
         raise DeviceError(f"unknown device {name!r} (known: auto, cpu, cuda, cuda:N)")
     return torch.device("cpu")
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`. To a GPU through pinned memory: a copy from pageable memory waits for the
+    stream's queued work first, so the host could not launch the next kernels while the GPU computes."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)

@@ -38,7 +38,7 @@ from caracal_cli.checkpoint import (
     save_checkpoint, save_run_config,
 )
 from caracal_cli.config import CaracalError, Config, load_preset
-from caracal_cli.device import resolve_device
+from caracal_cli.device import resolve_device, to_device
 from caracal_cli.fileio import write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
 from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
@@ -257,7 +257,7 @@ def evaluate_val_loss(model: torch.nn.Module, data_dir: str | Path, config: Conf
     for round_start in range(0, len(batches), world):
         index = round_start + rank
         x, y = windows.batch(*batches[index if index < len(batches) else 0])
-        x, y = x.to(device), y.to(device)
+        x, y = to_device(x, device), to_device(y, device)
         with autocast(device, config.train.dtype):
             loss = model(x, targets=y, reduction="sum")
         if index < len(batches):  # a padding batch only keeps the ranks in step
@@ -492,7 +492,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                 loss_sum = torch.zeros((), device=dev)
                 for micro in range(plan.grad_accum):
                     x, y = batches.batch(step, micro)
-                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    x, y = to_device(x, dev), to_device(y, dev)
                     with _grad_sync(train_model, micro == plan.grad_accum - 1, sharded):
                         with autocast(dev, tc.dtype):
                             loss = train_model(x, targets=y)
