@@ -122,6 +122,7 @@ class LanguageModel(nn.Module):
 
 # Rows of logits computed at once by `next_token_loss`: ~2^28 float32 values (1 GiB) at most.
 LOSS_CHUNK_ELEMENTS = 1 << 28
+LOSS_PROFILE_LABEL = "caracal.next_token_loss"  # the loss's range in torch.profiler (its gradients included)
 
 
 @torch.compiler.disable  # the chunk loop and its in-forward gradients stay eager under torch.compile
@@ -139,12 +140,13 @@ def next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     device_type = h.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else h.dtype
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        total = _ChunkedLinearCrossEntropy.apply(h, weight, t, chunk, dtype)
-    else:
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            total = sum(_chunk_loss(h[i:i + chunk].to(dtype), weight.to(dtype), t[i:i + chunk])[0]
-                        for i in range(0, h.shape[0], chunk))
+    with torch.profiler.record_function(LOSS_PROFILE_LABEL):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = _ChunkedLinearCrossEntropy.apply(h, weight, t, chunk, dtype)
+        else:
+            with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+                total = sum(_chunk_loss(h[i:i + chunk].to(dtype), weight.to(dtype), t[i:i + chunk])[0]
+                            for i in range(0, h.shape[0], chunk))
     return total / t.numel() if reduction == "mean" else total
 
 

@@ -22,13 +22,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from caracal_cli.config import load_preset
 from caracal_cli.device import resolve_device
-from caracal_cli.model import build_model, flops_per_token
+from caracal_cli.model import LOSS_PROFILE_LABEL, build_model, flops_per_token
 from caracal_cli.monitor import peak_flops_for
 from caracal_cli.recipe import build_optimizer
 
 # First match wins; names are lower-cased kernel names (CUDA) or operator names (CPU).
 KINDS = [
-    ("loss", r"logsumexp|nll_loss|cross_entropy|log_softmax|chunkedlinearcrossentropy"),
+    ("loss ops", r"logsumexp|nll_loss|cross_entropy|log_softmax|chunkedlinearcrossentropy"),
     ("fft", r"fft|_analysis_kernel|_spectral_kernel|_synthesis_kernel"),
     ("attention", r"flash|fmha|flex|attention|sdpa|triton_tem"),
     ("ssm scan", r"selective_scan|ssd|chunk_scan|chunk_state|state_passing|bmm_chunk|causal_conv1d"),
@@ -97,7 +97,11 @@ def main() -> None:
             step()
         sync()
     per_kernel: dict[str, float] = defaultdict(float)
+    loss_ms = 0.0
     for event in prof.key_averages():
+        if event.key == LOSS_PROFILE_LABEL:  # a range, not a kernel: its children's time, counted below too
+            loss_ms = (event.device_time_total if cuda else event.cpu_time_total) / 1e3 / args.steps
+            continue
         spent = event.self_device_time_total if cuda else event.self_cpu_time_total  # microseconds
         if spent > 0 and (cuda or event.key.startswith("aten::")):
             per_kernel[event.key] += spent / 1e3 / args.steps  # ms per step
@@ -117,6 +121,7 @@ def main() -> None:
         "peak_flops": peak, "mfu": flops / step_s / peak if peak else None,
         "measured": "GPU kernel time" if cuda else "CPU operator self time",
         "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "loss_ms": loss_ms,  # the chunked loss with its gradients, across kinds (its matmuls are in "matmul")
         "top_kernels_ms": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]),
     }
     print(f"{args.preset} on {report['gpu'] or device}: {batch} x {length} tokens, step {report['step_ms']:.1f} ms, "
@@ -125,6 +130,7 @@ def main() -> None:
     print(f"\n{report['measured']} per step, by kind ({counted:.1f} ms counted):")
     for kind, ms in report["by_kind_ms"].items():
         print(f"  {kind:<20}{ms:9.2f} ms {100 * ms / counted:6.1f}%")
+    print(f"  of which the loss and its gradients (all kinds): {loss_ms:.2f} ms {100 * loss_ms / counted:.1f}%")
     print(f"\nheaviest {args.top}:")
     for name, ms in report["top_kernels_ms"].items():
         print(f"  {ms:9.2f} ms  {kind_of(name):<18} {name[:90]}")

@@ -19,4 +19,5 @@ def test_profile_step_accounts_for_a_training_step(tmp_path):
     assert report["tokens_per_step"] == 2 * 32 and report["step_ms"] > 0 and report["mfu"] is None
     kinds = report["by_kind_ms"]
     assert kinds["matmul"] > 0 and kinds["fft"] > 0 and kinds["attention"] > 0  # demo is FFA: MHF and SWA
+    assert 0 < report["loss_ms"] < sum(kinds.values())  # the loss range, gradients included
     assert "by kind" in run.stdout
