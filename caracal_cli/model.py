@@ -140,13 +140,15 @@ def next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     device_type = h.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else h.dtype
-    with torch.profiler.record_function(LOSS_PROFILE_LABEL):
+    # The matmuls take `dtype` by explicit casts, so autocast is off for both paths.
+    with torch.profiler.record_function(LOSS_PROFILE_LABEL), \
+            torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = _ChunkedLinearCrossEntropy.apply(h, weight, t, chunk, dtype)
         else:
-            with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-                total = sum(_chunk_loss(h[i:i + chunk].to(dtype), weight.to(dtype), t[i:i + chunk])[0]
-                            for i in range(0, h.shape[0], chunk))
+            w = weight.to(dtype)
+            total = sum(_chunk_loss(h[i:i + chunk].to(dtype), w, t[i:i + chunk])[0]
+                        for i in range(0, h.shape[0], chunk))
     return total / t.numel() if reduction == "mean" else total
 
 
@@ -173,19 +175,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=acc, device=h.device)
-        with torch.autocast(h.device.type, enabled=False) if dtype != h.dtype else contextlib.nullcontext():
-            for i in range(0, h.shape[0], chunk):
-                hc, tc = h[i:i + chunk].to(dtype), t[i:i + chunk]
-                loss, logits, lse = _chunk_loss(hc, w, tc)
-                total += loss
-                # d loss / d logits = softmax − one-hot, computed in place over the logits
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(tc), device=tc.device), tc] -= 1
-                probs = probs.to(dtype)
-                if grad_h is not None:
-                    grad_h[i:i + chunk] = probs @ w
-                if grad_w is not None:
-                    grad_w += (probs.t() @ hc).to(acc)
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i:i + chunk].to(dtype), t[i:i + chunk]
+            loss, logits, lse = _chunk_loss(hc, w, tc)
+            total += loss
+            # d loss / d logits = softmax − one-hot, computed in place over the logits
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(tc), device=tc.device), tc] -= 1
+            probs = probs.to(dtype)
+            if grad_h is not None:
+                grad_h[i:i + chunk] = probs @ w
+            if grad_w is not None:
+                grad_w += (probs.t() @ hc).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

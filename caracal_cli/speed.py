@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.metadata
+import json
 import os
 import platform
-import json
 import shlex
 import statistics
 import subprocess

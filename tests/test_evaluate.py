@@ -183,7 +183,8 @@ def test_rolling_loglikelihood_equals_the_model_loss_in_disjoint_windows(lm):
         for start in range(0, len(sequence) - 1, CONTEXT):
             end = min(start + CONTEXT, len(sequence) - 1)  # predicts sequence[start + 1 : end + 1]
             if end - start == CONTEXT:
-                expected -= float(lm.model(sequence[None, start:end], targets=sequence[None, start + 1:end + 1])) * CONTEXT
+                window = sequence[None, start:end + 1]
+                expected -= float(lm.model(window[:, :-1], targets=window[:, 1:])) * CONTEXT
             else:
                 first = max(0, end - CONTEXT)
                 logits = lm.model(sequence[None, first:end])[0]

@@ -144,7 +144,7 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, reduct
     upstream = torch.tensor(0.37, dtype=torch.float64)  # a non-unit upstream gradient reaches both inputs
     got_grads = torch.autograd.grad(got * upstream, (hidden, weight))
     want_grads = torch.autograd.grad(want * upstream, (hidden, weight))
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         assert torch.allclose(g, w, rtol=1e-10, atol=1e-14)
     with torch.no_grad():  # the no-grad path (validation) gives the same number
         assert torch.allclose(next_token_loss(hidden, weight, targets, reduction, chunk_rows=chunk_rows), want,
@@ -161,7 +161,9 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_head():
         want = _plain_loss(hidden, weight, targets, "mean")
     assert got.dtype == torch.float32
     assert abs(got.item() - want.item()) < 1e-3 * want.item()
-    for g, w in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    for g, w in zip(got_grads, want_grads, strict=True):
         assert g.dtype == w.dtype == torch.float32
         assert ((g - w).norm() / w.norm()).item() < 2e-2
 
@@ -192,5 +194,5 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
     loss = compiled(ids[:, :-1], targets=ids[:, 1:])
     got = torch.autograd.grad(loss, list(model.parameters()))
     assert torch.allclose(loss, eager, rtol=1e-5)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
