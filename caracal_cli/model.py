@@ -3,7 +3,6 @@ tied output head. Which mixer sits in each block comes from the preset's pattern
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caracal_cli.config import ModelConfig
+from caracal_cli.loss import next_token_loss
 from caracal_cli.mixers import build_mixer
 
 
@@ -118,84 +118,6 @@ class LanguageModel(nn.Module):
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         return [block.mixer.init_cache(batch, max_len, device, dtype) for block in self.blocks]
-
-
-# Rows of logits computed at once by `next_token_loss`: ~2^28 float32 values (1 GiB) at most.
-LOSS_CHUNK_ELEMENTS = 1 << 28
-LOSS_PROFILE_LABEL = "caracal.next_token_loss"  # the loss's range in torch.profiler (its gradients included)
-
-
-@torch.compiler.disable  # the chunk loop and its in-forward gradients stay eager under torch.compile
-def next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                    chunk_rows: int | None = None) -> torch.Tensor:
-    """Cross-entropy of the logits hidden @ weightᵀ ([B, L, d] × [vocab, d]) against targets [B, L], in float32
-    whatever the matmul's dtype; the one loss of training, validation, the speed benchmark and the memory
-    estimate. The logits exist one chunk of rows at a time: at 65536 tokens and GPT-2's vocabulary the whole
-    float32 logits and their gradient would take 2 × 12.3 GiB. The matmul runs in the autocast dtype when
-    autocast is on, as the plain head would."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
-    h, t = hidden.flatten(0, 1), targets.flatten()
-    chunk = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    device_type = h.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else h.dtype
-    # The matmuls take `dtype` by explicit casts, so autocast is off for both paths.
-    with torch.profiler.record_function(LOSS_PROFILE_LABEL), \
-            torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = _ChunkedLinearCrossEntropy.apply(h, weight, t, chunk, dtype)
-        else:
-            w = weight.to(dtype)
-            total = sum(_chunk_loss(h[i:i + chunk].to(dtype), w, t[i:i + chunk])[0]
-                        for i in range(0, h.shape[0], chunk))
-    return total / t.numel() if reduction == "mean" else total
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunk_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor]:
-    """(summed loss, float32 logits (float64 for float64 inputs), their log-sum-exp) of one chunk of rows."""
-    logits = (h @ w.t()).to(_accumulator(h.dtype))
-    lse = torch.logsumexp(logits, dim=-1)
-    return (lse - logits.gather(1, t[:, None]).squeeze(1)).sum(), logits, lse
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of h @ wᵀ whose gradients are computed chunk by chunk in the forward pass (the
-    chunk's logits are at hand then; keeping them for the backward is what costs the memory). The backward
-    only scales them, so no logits are recomputed: the matmul count equals the plain head's."""
-
-    @staticmethod
-    def forward(ctx, h, weight, t, chunk: int, dtype: torch.dtype):
-        w, acc = weight.to(dtype), _accumulator(dtype)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=acc, device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            hc, tc = h[i:i + chunk].to(dtype), t[i:i + chunk]
-            loss, logits, lse = _chunk_loss(hc, w, tc)
-            total += loss
-            # d loss / d logits = softmax − one-hot, computed in place over the logits
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(tc), device=tc.device), tc] -= 1
-            probs = probs.to(dtype)
-            if grad_h is not None:
-                grad_h[i:i + chunk] = probs @ w
-            if grad_w is not None:
-                grad_w += (probs.t() @ hc).to(acc)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None, None, None)
 
 
 def _cache_pos(caches: list) -> int:

@@ -25,7 +25,7 @@ else
     export PYTHONPATH=$PWD
 fi
 DATA=${DATA:-.gpudata/shakespeare-gpt2}
-caracal() { python3 -m caracal_cli "$@"; }
+CARACAL=(python3 -m caracal_cli)  # an array, not a function: `timeout` runs programs only
 step() {  # step NAME SECONDS COMMAND…: run with a limit, log to $WORK/NAME.log, say how it ended
     local name=$1 limit=$2; shift 2
     timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
@@ -45,9 +45,9 @@ tests)
 speed)
     S=(speed --size small --mode all --repeats 3 --warmup 1 --decode-tokens 16)
     for model in llama caracal mamba mamba2 jamba swh; do
-        step "speed_$model" 150 caracal "${S[@]}" --models "$model" --out "$WORK/speed_$model"
+        step "speed_$model" 150 "${CARACAL[@]}" "${S[@]}" --models "$model" --out "$WORK/speed_$model"
     done
-    step speed_caracal_torchfft 150 caracal "${S[@]}" --models caracal --set model.mixers.F.fft_impl=torch \
+    step speed_caracal_torchfft 150 "${CARACAL[@]}" "${S[@]}" --models caracal --set model.mixers.F.fft_impl=torch \
         --out "$WORK/speed_caracal_torchfft"
     collect "$WORK"/speed_*/speed.json "$WORK/status.log"
     cat "$WORK/status.log"
@@ -74,7 +74,7 @@ scale)
     tail -n 3 "$WORK"/train_scale_*.log; tail -n 12 "$WORK/memory.log"
     ;;
 ablate)
-    step ablate 540 caracal ablate --study ratio --size tiny --data "$DATA" --tokens ${TOKENS:-20971520} \
+    step ablate 540 "${CARACAL[@]}" ablate --study ratio --size tiny --data "$DATA" --tokens ${TOKENS:-20971520} \
         --set train.global_batch_tokens=131072 --set train.warmup_tokens=1048576 --set train.eval_every=40 \
         --set train.eval_tokens=131072 --set train.checkpoint_every=1000 --device cuda --out "$WORK/ablate"
     collect "$WORK"/ablate/ablation.{md,json} "$WORK"/{ablate,status}.log

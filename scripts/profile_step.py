@@ -22,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from caracal_cli.config import load_preset
 from caracal_cli.device import resolve_device
-from caracal_cli.model import LOSS_PROFILE_LABEL, build_model, flops_per_token
+from caracal_cli.loss import LOSS_PROFILE_LABEL
+from caracal_cli.model import build_model, flops_per_token
 from caracal_cli.monitor import peak_flops_for
 from caracal_cli.recipe import build_optimizer
 

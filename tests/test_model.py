@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from caracal_cli.config import list_presets, load_preset
-from caracal_cli.model import build_model, count_parameters, flops_per_token, next_token_loss
+from caracal_cli.model import build_model, count_parameters, flops_per_token
 from conftest import small_model_config
 
 # Millions of parameters in the paper's table (GPT-2 vocabulary, tied embeddings).
@@ -122,50 +122,6 @@ def test_micro_batch_fits_a_24_gb_gpu_by_estimate(name):
 
     estimate = train_memory_estimate(load_preset(name))
     assert estimate["total_gib"] < 22, estimate  # leave room for transient buffers and allocator slack
-
-
-# --- the chunked next-token loss ------------------------------------------------------------------------------
-def _plain_loss(hidden, weight, targets, reduction):
-    logits = hidden.flatten(0, 1) @ weight.t()
-    return torch.nn.functional.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits,
-                                             targets.flatten(), reduction=reduction)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("chunk_rows", [1, 7, 30, 1000])  # 30 rows: uneven chunks, one row, one chunk, more
-def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, reduction):
-    torch.manual_seed(0)
-    hidden = torch.randn(2, 15, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 50, (2, 15))
-    got = next_token_loss(hidden, weight, targets, reduction, chunk_rows=chunk_rows)
-    want = _plain_loss(hidden, weight, targets, reduction)
-    assert torch.allclose(got, want, rtol=1e-12, atol=0)
-    upstream = torch.tensor(0.37, dtype=torch.float64)  # a non-unit upstream gradient reaches both inputs
-    got_grads = torch.autograd.grad(got * upstream, (hidden, weight))
-    want_grads = torch.autograd.grad(want * upstream, (hidden, weight))
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert torch.allclose(g, w, rtol=1e-10, atol=1e-14)
-    with torch.no_grad():  # the no-grad path (validation) gives the same number
-        assert torch.allclose(next_token_loss(hidden, weight, targets, reduction, chunk_rows=chunk_rows), want,
-                              rtol=1e-12, atol=0)
-
-
-def test_chunked_loss_under_bf16_autocast_matches_the_plain_head():
-    torch.manual_seed(0)
-    hidden = torch.randn(4, 32, 64, requires_grad=True)
-    weight = torch.randn(300, 64, requires_grad=True)
-    targets = torch.randint(0, 300, (4, 32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = next_token_loss(hidden, weight, targets, chunk_rows=20)
-        want = _plain_loss(hidden, weight, targets, "mean")
-    assert got.dtype == torch.float32
-    assert abs(got.item() - want.item()) < 1e-3 * want.item()
-    got_grads = torch.autograd.grad(got, (hidden, weight))
-    want_grads = torch.autograd.grad(want, (hidden, weight))
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert g.dtype == w.dtype == torch.float32
-        assert ((g - w).norm() / w.norm()).item() < 2e-2
 
 
 def test_loss_keeps_no_logits_sized_tensor_for_the_backward():

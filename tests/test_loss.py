@@ -1,0 +1,121 @@
+"""The next-token loss: chunked cross-entropy against the plain head, its padding of the vocabulary, and the
+fused Triton softmax-gradient against its PyTorch reference (run by Triton's interpreter on the CPU)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from caracal_cli.loss import LOSS_CHUNK_ELEMENTS, ROW_ALIGN, VOCAB_ALIGN, loss_path, next_token_loss, \
+    softmax_grad_reference
+
+def _plain_loss(hidden, weight, targets, reduction):
+    logits = hidden.flatten(0, 1) @ weight.t()
+    return torch.nn.functional.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits,
+                                             targets.flatten(), reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 30, 1000])  # 30 rows: uneven chunks, one row, one chunk, more
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, reduction):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 15, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 15))
+    got = next_token_loss(hidden, weight, targets, reduction, chunk_rows=chunk_rows)
+    want = _plain_loss(hidden, weight, targets, reduction)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    upstream = torch.tensor(0.37, dtype=torch.float64)  # a non-unit upstream gradient reaches both inputs
+    got_grads = torch.autograd.grad(got * upstream, (hidden, weight))
+    want_grads = torch.autograd.grad(want * upstream, (hidden, weight))
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():  # the no-grad path (validation) gives the same number
+        assert torch.allclose(next_token_loss(hidden, weight, targets, reduction, chunk_rows=chunk_rows), want,
+                              rtol=1e-12, atol=0)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_head():
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 32, 64, requires_grad=True)
+    weight = torch.randn(300, 64, requires_grad=True)
+    targets = torch.randint(0, 300, (4, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = next_token_loss(hidden, weight, targets, chunk_rows=20)
+        want = _plain_loss(hidden, weight, targets, "mean")
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) < 1e-3 * want.item()
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == w.dtype == torch.float32
+        assert ((g - w).norm() / w.norm()).item() < 2e-2
+
+
+def test_padding_rows_get_no_probability_and_no_gradient():
+    torch.manual_seed(0)
+    vocab, width = 50, 128
+    logits = torch.randn(6, width, dtype=torch.float64)
+    logits[:, vocab:] = 1e3  # whatever the padded columns hold, they must not count
+    targets = torch.randint(0, vocab, (6,))
+    want = torch.nn.functional.cross_entropy(logits[:, :vocab], targets, reduction="none")
+    want_grad = torch.softmax(logits[:, :vocab], -1) - torch.nn.functional.one_hot(targets, vocab)
+    loss = softmax_grad_reference(logits, targets, vocab, grad=True)
+    assert torch.allclose(loss, want, rtol=1e-12)
+    assert torch.allclose(logits[:, :vocab], want_grad, rtol=1e-12, atol=1e-15)
+    assert (logits[:, vocab:] == 0).all()
+
+
+def test_default_chunks_are_aligned_and_bounded():
+    """GPT-2's head pads to 50304 rows; a chunk is a multiple of ROW_ALIGN rows within the element budget."""
+    vocab = 50257
+    padded = -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
+    chunk = max(ROW_ALIGN, LOSS_CHUNK_ELEMENTS // padded // ROW_ALIGN * ROW_ALIGN)
+    assert padded == 50304 and chunk % ROW_ALIGN == 0 and chunk * padded <= LOSS_CHUNK_ELEMENTS
+
+
+def test_loss_path_picks_the_reference_off_cuda():
+    assert loss_path(torch.device("cpu"), torch.bfloat16) == "torch"
+    assert loss_path(torch.device("cuda"), torch.float64) == "torch"
+    assert loss_path(torch.device("cuda"), torch.bfloat16, impl="torch") == "torch"
+    with pytest.raises(ValueError, match="loss impl"):
+        loss_path(torch.device("cpu"), torch.float32, impl="fast")
+
+
+_INTERPRETED_KERNEL = textwrap.dedent("""
+    import torch
+    from caracal_cli.loss import softmax_grad_reference, softmax_grad_triton
+    torch.manual_seed(0)
+    worst = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        # vocab below one block, not a multiple of it, exactly one; rows with huge logits (max subtraction)
+        for vocab, width in ((10, 128), (5000, 5120), (4096, 4096)):
+            x = (torch.randn(5, width) * 4).to(dtype)
+            x[0, :vocab] += 80
+            t = torch.randint(0, vocab, (5,))
+            ref, fused = x.clone(), x.clone()
+            want = softmax_grad_reference(ref, t, vocab, True)
+            got = softmax_grad_triton(fused, t, vocab, True)
+            loss_only = softmax_grad_triton(x.clone(), t, vocab, False)
+            assert torch.isfinite(got).all()
+            key = str(dtype)
+            worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item(),
+                             (loss_only - want).abs().max().item(), (fused.float() - ref.float()).abs().max().item())
+            assert (fused[:, vocab:] == 0).all()
+    print(worst)
+    assert worst["torch.float32"] < 1e-5, worst
+    assert worst["torch.bfloat16"] <= 2 ** -8, worst  # one bf16 step at 1 (the target's −1 + p)
+""")
+
+
+def test_triton_softmax_gradient_equals_the_reference_in_the_interpreter():
+    """The fused kernel's arithmetic, checked on the CPU by Triton's interpreter (the GPU test runs it compiled).
+    A subprocess, because the interpreter is chosen when the kernel is defined."""
+    pytest.importorskip("triton", reason="the dev extra installs triton; its interpreter runs the kernel here")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
