@@ -15,6 +15,8 @@ the whole checkpoint or none. Weights are safetensors; nothing is unpickled.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 import tempfile
@@ -27,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from caracal_cli.config import CaracalError, Config, config_from_dict
 from caracal_cli.fileio import atomic_write, write_json
+from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,8 +51,13 @@ def _plain(value: Any) -> Any:
 
 
 def config_yaml(config: Config) -> str:
-    """The resolved config as YAML, as `save_run_config` writes it and `load_run_config` reads it."""
-    return yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+    """The resolved config as YAML, as `save_run_config` writes it and `load_run_config` reads it. Each mixer
+    is written with every key, defaults included, so a run loads as trained when a default changes."""
+    data = config.to_dict()
+    data["model"]["mixers"] = {
+        letter: dataclasses.asdict(mixer_config(raw, config.model, f"model.mixers.{letter}"))
+        for letter, raw in config.model.mixers.items()}
+    return yaml.safe_dump(_plain(data), sort_keys=False)
 
 
 def save_run_config(run_dir: str | Path, config: Config) -> None:

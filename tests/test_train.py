@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from test_loader import make_dataset
 from typer.testing import CliRunner
 
 from caracal_cli import train as train_module
-from caracal_cli.checkpoint import latest_checkpoint, load_model, load_trainer_state, save_run_config
+from caracal_cli.checkpoint import latest_checkpoint, load_model, load_run_config, load_trainer_state, save_run_config
 from caracal_cli.cli import app
 from caracal_cli.config import CaracalError, ConfigError, TrainConfig, load_preset
 from caracal_cli.model import build_model
@@ -274,3 +275,16 @@ def test_torchrun_command_relaunches_this_cli():
     assert "--node-rank=1" in multi and "--rdzv-endpoint=node0:29500" in multi
     with pytest.raises(CaracalError, match="--rdzv-endpoint"):
         train_module.torchrun_command(["train"], 8, nnodes=2)
+
+
+def test_run_config_records_every_mixer_default(tmp_path):
+    """A run keeps the mixer settings it trained with, written out in full: a later change of a default
+    (MHF's scale was sqrt) must not change how an old run loads."""
+    run = _config_only_run(tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    mhf = next(m for m in saved["model"]["mixers"].values() if m["kind"] == "mhf")
+    assert mhf["scale"] == "mean" and mhf["fft_impl"] == "auto" and "gate_kernel" in mhf
+    mhf["scale"] = "sqrt"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    loaded = build_model(load_run_config(run).model)
+    assert {b.mixer.cfg.scale for b in loaded.blocks if hasattr(b.mixer, "scale_factors")} == {"sqrt"}
