@@ -427,7 +427,9 @@ def speed(
                                            "caused it (default: on for CUDA)."),
 ):
     """Throughput and memory against sequence length, for every model family."""
-    from caracal_cli.speed import default_out_dir, parse_settings, run_speed, speed_tables, write_report
+    from caracal_cli.fileio import write_json
+    from caracal_cli.speed import (default_out_dir, parse_settings, run_speed, speed_ratios, speed_tables,
+                                   write_report)
 
     settings = parse_settings(models, size, lengths, tokens_per_step, mode, dtype, compile, repeats, warmup,
                               device, decode_tokens, mixers, overrides, isolate)
@@ -439,8 +441,13 @@ def speed(
         figure = f"{entry['median_ms']:.3g} ms" if entry["status"] == "ok" else entry["status"].upper()
         err_console.print(f"  {what} {label} L={entry['length']}: {figure}", highlight=False)
 
-    report = run_speed(settings, progress)
-    paths = write_report(report, out or default_out_dir())
+    out = out or default_out_dir()
+
+    def save_partial(report: dict):  # after each model: a sweep stopped midway keeps what it measured
+        write_json(Path(out) / "speed.json", {**report, "partial": True, "ratios": speed_ratios(report["results"])})
+
+    report = run_speed(settings, progress, save_partial)
+    paths = write_report(report, out)
     for table in speed_tables(report):
         console.print(table)
     if report["device_lost"]:

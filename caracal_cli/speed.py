@@ -467,13 +467,15 @@ def _precision(settings: SpeedSettings) -> str:
     return f"autocast({settings.dtype}), fp32 weights"
 
 
-def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """The model sweep: one entry per model × mode × length, in that order."""
+def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None = None,
+               model_done: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """The model sweep: one entry per model × mode × length, in that order. `model_done` gets the report so
+    far after each model (the CLI saves it, so a sweep stopped midway keeps what it measured)."""
     device = torch.device(settings.device)
     report = {"schema": SCHEMA, "kind": "models", "command": settings.command(), "settings": asdict(settings),
               "environment": environment(device), "models": {}, "results": []}
     if settings.isolate:
-        return _run_isolated(settings, report, progress)
+        return _run_isolated(settings, report, progress, model_done)
     sweep = Sweep()
     for name in settings.models:
         model, info = _model_info(name, settings, device, sweep)
@@ -496,12 +498,15 @@ def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None 
                     progress(entry)
         del model, runner
         sweep(name, lambda: guarded(dict, device))  # frees the model, and notices a device that failed
+        if model_done:
+            model_done(report)
     report["ratios"] = speed_ratios(report["results"])
     report["device_lost"] = sweep.lost
     return report
 
 
-def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dict], None] | None) -> dict:
+def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dict], None] | None,
+                  model_done: Callable[[dict], None] | None) -> dict:
     """run_models with each model measured by a child `caracal speed` process; a child that dies leaves its
     model's points as errors naming how it ended, and the sweep goes on."""
     lost = []
@@ -534,6 +539,8 @@ def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dic
         if progress and sub is None:  # the child's own lines showed the points it measured
             for entry in entries:
                 progress(entry)
+        if model_done:
+            model_done(report)
     report["ratios"] = speed_ratios(report["results"])
     report["device_lost"] = "; ".join(lost) or None
     return report
@@ -674,8 +681,9 @@ def run_mixers(settings: SpeedSettings, progress: Callable[[dict], None] | None 
     return report
 
 
-def run_speed(settings: SpeedSettings, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    return run_mixers(settings, progress) if settings.mixers else run_models(settings, progress)
+def run_speed(settings: SpeedSettings, progress: Callable[[dict], None] | None = None,
+              model_done: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    return run_mixers(settings, progress) if settings.mixers else run_models(settings, progress, model_done)
 
 
 # --- output -------------------------------------------------------------------------------------------------

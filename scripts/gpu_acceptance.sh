@@ -2,7 +2,10 @@
 # The GPU acceptance runs of the issues, in three parts that each fit a 10-minute slot on one H100:
 #
 #   bash scripts/gpu_acceptance.sh tests    # GPU tests and the FFT-convolution bench
-#   bash scripts/gpu_acceptance.sh speed    # caracal speed, small size, every model and mode (one run each)
+#   bash scripts/gpu_acceptance.sh speed    # caracal speed, small size, every mode: llama, caracal (both FFT
+#                                           # paths), swh
+#   bash scripts/gpu_acceptance.sh speed-ssm  # the same for mamba, mamba2 and jamba (mamba_ssm's Triton kernels
+#                                           # autotune at every new shape: Mamba-2 takes ~4 minutes)
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
 #   bash scripts/gpu_acceptance.sh scale    # tiny with MHF's scale=mean and =sqrt; memory per preset at 24 GB
 #   bash scripts/gpu_acceptance.sh ablate   # the MHF:SWA ratio study at the tiny size
@@ -12,7 +15,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|speed|train|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|speed|speed-ssm|train|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -42,14 +45,22 @@ tests)
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$WORK/gputests.log" | tail -n 30
     tail -n 30 "$WORK/bench.log"
     ;;
-speed)
+speed|speed-ssm)
+    # One run per model, each with its own limit; a run stopped at its limit keeps the models it finished.
     S=(speed --size small --mode all --repeats 3 --warmup 1 --decode-tokens 16)
-    for model in llama caracal mamba mamba2 jamba swh; do
-        step "speed_$model" 150 "${CARACAL[@]}" "${S[@]}" --models "$model" --out "$WORK/speed_$model"
+    if [ "$part" = speed ]; then
+        runs=("llama 120" "caracal 120" "swh 120")
+        step speed_caracal_torchfft 120 "${CARACAL[@]}" "${S[@]}" --models caracal \
+            --set model.mixers.F.fft_impl=torch --out "$WORK/speed_caracal_torchfft"
+    else
+        runs=("mamba 130" "jamba 130" "mamba2 280")
+    fi
+    for run in "${runs[@]}"; do
+        set -- $run
+        step "speed_$1" "$2" "${CARACAL[@]}" "${S[@]}" --models "$1" --out "$WORK/speed_$1"
     done
-    step speed_caracal_torchfft 150 "${CARACAL[@]}" "${S[@]}" --models caracal --set model.mixers.F.fft_impl=torch \
-        --out "$WORK/speed_caracal_torchfft"
-    collect "$WORK"/speed_*/speed.json "$WORK/status.log"
+    for f in "$WORK"/speed_*/speed.json; do cp "$f" "$WORK/$(basename "$(dirname "$f")").json"; done
+    collect "$WORK"/speed_*.json "$WORK/status.log"
     cat "$WORK/status.log"
     ;;
 train)
@@ -81,7 +92,7 @@ ablate)
     cat "$WORK/ablate/ablation.md"
     ;;
 *)
-    echo "unknown part $part (tests, speed, train, scale or ablate)" >&2
+    echo "unknown part $part (tests, speed, speed-ssm, train, scale or ablate)" >&2
     exit 2
     ;;
 esac

@@ -46,6 +46,7 @@ def test_speed_all_modes_writes_json_and_png(tmp_path):
     assert all(f"{mode} —" in result.output for mode in speed.MODES)  # a table per mode
     report = json.loads((tmp_path / "speed.json").read_text())
     assert report["schema"] == speed.SCHEMA and report["kind"] == "models"
+    assert "partial" not in report  # the finished report replaced the one saved after the first model
     assert set(report["environment"]) >= ENVIRONMENT_KEYS
     assert report["environment"]["device"] == "cpu" and report["settings"]["dtype"] == "fp32"
     assert report["command"].startswith("caracal speed --models caracal,llama --size demo")
@@ -84,7 +85,9 @@ def test_isolated_models_give_the_same_report_and_a_dead_process_is_error_rows(t
     settings = speed.parse_settings("caracal,llama", "demo", "64", 128, "prefill", repeats=1, warmup=0,
                                     device="cpu", isolate=True)
     assert settings.command().endswith("--isolate")
-    report = speed.run_speed(settings)
+    seen = []  # the report so far after each model (the CLI saves it: a stopped sweep keeps what it measured)
+    report = speed.run_speed(settings, model_done=lambda r: seen.append([e["model"] for e in r["results"]]))
+    assert seen == [["caracal"], ["caracal", "llama"]]
     assert [(e["model"], e["status"]) for e in report["results"]] == [("caracal", "ok"), ("llama", "ok")]
     assert report["models"]["caracal"]["paths"]["MHF"].startswith("torch.fft") and report["device_lost"] is None
     assert report["command"] == settings.command()  # the parent's command, not a child's
@@ -217,3 +220,16 @@ def test_bad_input_is_one_line(args, message):
 def test_cuda_without_cuda_is_one_line():
     result = runner.invoke(app, ["speed", "--device", "cuda"])
     assert result.exit_code == 1 and "no CUDA device" in result.output
+
+
+def test_a_sweep_stopped_midway_keeps_the_models_it_finished(tmp_path, monkeypatch):
+    def stop(*_):
+        raise KeyboardInterrupt  # as if the sweep were stopped before the final report
+    monkeypatch.setattr(speed, "write_report", stop)
+    args = ["speed", "--size", "demo", "--lengths", "64", "--tokens-per-step", "128", "--repeats", "1",
+            "--warmup", "0", "--models", "caracal,llama", "--mode", "prefill", "--out", str(tmp_path)]
+    runner.invoke(app, args)
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["partial"] is True
+    assert [(e["model"], e["status"]) for e in report["results"]] == [("caracal", "ok"), ("llama", "ok")]
+    assert [r["length"] for r in report["ratios"]] == [64]
