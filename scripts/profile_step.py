@@ -103,13 +103,16 @@ def main() -> None:
     for event in prof.key_averages():
         if event.key == LOSS_PROFILE_LABEL:  # a range, not a kernel: its children's time, counted below too
             loss_ms = (event.device_time_total if cuda else event.cpu_time_total) / 1e3 / args.steps
-            continue
-        spent = event.self_device_time_total if cuda else event.self_cpu_time_total  # microseconds
-        # On CUDA only the kernels count: an operator's own device time is its kernels' again (counted twice
-        # before this filter, 47 ms in a 24 ms step).
-        kernel = event.device_type == torch.autograd.DeviceType.CUDA
-        if spent > 0 and (kernel if cuda else event.key.startswith("aten::")):
-            per_kernel[event.key] += spent / 1e3 / args.steps  # ms per step
+    if cuda:
+        # Kernels alone, event by event: an operator's device time is its kernels' again, and key_averages
+        # merges a kernel with a host event of the same name (Inductor's launches) under one device type.
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation:
+                per_kernel[event.name] += event.time_range.elapsed_us() / 1e3 / args.steps
+    else:
+        for event in prof.key_averages():
+            if event.self_cpu_time_total > 0 and event.key.startswith("aten::"):
+                per_kernel[event.key] += event.self_cpu_time_total / 1e3 / args.steps
     by_kind: dict[str, float] = defaultdict(float)
     for name, ms in per_kernel.items():
         by_kind[kind_of(name)] += ms

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from caracal_cli.config import ModelConfig
+# Without a GPU, Triton's interpreter runs the Triton kernels on CPU tensors (slowly, but exactly enough for
+# their tests). It must be chosen before the kernels are defined, i.e. before caracal_cli imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from caracal_cli.config import ModelConfig  # noqa: E402
 
 # Every mixer kind in the registry needs at least one example here: tests parametrize over them, so a new
 # mixer gets causality, shape, dtype, gradient and cache checks for free.

@@ -19,7 +19,8 @@ from test_loader import make_dataset
 from typer.testing import CliRunner
 
 from caracal_cli import train as train_module
-from caracal_cli.checkpoint import latest_checkpoint, load_model, load_run_config, load_trainer_state, save_run_config
+from caracal_cli.checkpoint import (config_yaml, latest_checkpoint, load_model, load_run_config, load_trainer_state,
+                                   save_run_config)
 from caracal_cli.cli import app
 from caracal_cli.config import CaracalError, ConfigError, TrainConfig, load_preset
 from caracal_cli.model import build_model
@@ -138,7 +139,8 @@ def test_the_demo_preset_learns_and_writes_a_complete_run_directory(data, tmp_pa
     assert state["step"] == 24 and state["tokens"] == 24 * 512 and state["data"]["next_sequence"] == 24 * 4
     assert "head.weight" not in load_file(str(ckpt / "model.safetensors"))  # tied: stored once
     model, loaded_config, tokenizer, _ = load_model(run)
-    assert loaded_config == config and tokenizer.vocab_size < 512
+    # equal once resolved: the run's file spells out every mixer default the preset left implicit
+    assert config_yaml(loaded_config) == config_yaml(config) and tokenizer.vocab_size < 512
     assert evaluate_val_loss(model, data, config, "cpu", tokens=2048) == pytest.approx(vals[1], rel=1e-6)
 
 
