@@ -139,6 +139,46 @@ def test_kernels_in_triton_interpreter(length, channels, dtype, tol):
     _check_kernels("cpu", length, channels, dtype, tol=tol)
 
 
+@pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels on the CPU only with triton installed and TRITON_INTERPRET=1")
+def test_kernels_are_one_operator_that_compiles_without_graph_breaks():
+    """The fast path is a custom operator with a fake (shape) implementation and a registered backward: opcheck
+    tests those registrations, and a compiled caller keeps it inside one graph with the eager gradients."""
+    tiles = dict(block_c=16, block_c2=16)
+    v = torch.randn(2, 40, 16).to(torch.bfloat16).requires_grad_()
+    g = (0.5 * torch.randn(2, 40, 16) + 0.5).to(torch.bfloat16).requires_grad_()
+    torch.library.opcheck(fftconv.monarch_conv, (v, g, *fftconv._tile_args(**tiles)))
+
+    def mix(a, b):
+        return fftconv.causal_fft_conv_fast(a * 2, b, **tiles).float().square().sum()
+
+    want = torch.autograd.grad(mix(v, g), (v, g))
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(mix, backend="aot_eager", fullgraph=True)(v, g), (v, g))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels on the CPU only with triton installed and TRITON_INTERPRET=1")
+def test_compiled_caracal_on_the_fast_path_breaks_its_graph_only_at_the_loss(monkeypatch):
+    """On CUDA the MHF layers take the fast path; compiled, the model is then one graph up to the loss (which
+    stays eager by design). Here the path is forced on the CPU and the interpreter runs the kernels."""
+    from caracal_cli.model import build_model
+
+    monkeypatch.setattr(fftconv, "fft_conv_path", lambda *args, **kwargs: "triton")
+    model = build_model(small_model_config(d_model=64, n_head=4, context=32))
+    ids = torch.randint(0, 97, (2, 33))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids[:, :-1], targets=ids[:, 1:])
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1 and all("next_token_loss" in r for r in reasons), reasons
+    eager = model(ids[:, :-1], targets=ids[:, 1:])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")(ids[:, :-1], targets=ids[:, 1:])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fast path is CUDA-only)")
 
 

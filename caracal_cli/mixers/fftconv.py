@@ -164,13 +164,72 @@ def monarch_causal_conv(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Tensor:
     """The Triton path: v, g [B, L, D] on CUDA (bf16 or fp16), L ≤ MAX_LEN; returns v's dtype. `tiles` are
-    TritonStages' tile settings (benchmarks)."""
+    TritonStages' tile settings (benchmarks). A custom operator: torch.compile keeps it as one node of the
+    model's graph instead of breaking the graph around it."""
     if v.dtype != g.dtype:
         g = g.to(v.dtype)
     if g.shape != v.shape:  # a filter shared across the batch (SWH's): the kernels read one row per sample
         g = g.expand_as(v).contiguous()
     v, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (v, g))
-    return _MonarchConv.apply(v, g, TritonStages(v.shape[1], v.device, v.dtype, **tiles))
+    return monarch_conv(v, g, *_tile_args(**tiles))[0]
+
+
+def _tile_args(block_c: int = 64, block_c2: int = 32, rows_per_prog: int = 4, warps: tuple[int, int, int] | None = None,
+               stages: int = 3) -> tuple:
+    return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages
+
+
+def _stages(x: torch.Tensor, tiles: tuple) -> TritonStages:
+    block_c, block_c2, rows, warps, stages = tiles
+    return TritonStages(x.shape[1], x.device, x.dtype, block_c, block_c2, rows, tuple(warps) if warps else None, stages)
+
+
+# The operator returns the spectra [2, 2B, P, T, D] of v and g beside y, so that the backward reuses them.
+@torch.library.custom_op("caracal::monarch_conv", mutates_args=())
+def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
+                 warps: list[int] | None, stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    st = _stages(v, (block_c, block_c2, rows_per_prog, warps, stages))
+    B = v.shape[0]
+    z = st.analysis([v, g], flip=False)
+    return st.synthesis(st.spectral(z.narrow(1, 0, B), z.narrow(1, B, B)), flip=False, dtype=v.dtype), z
+
+
+@monarch_conv.register_fake
+def _(v, g, block_c, block_c2, rows_per_prog, warps, stages):
+    P, T = split_for(int(v.shape[1]))  # int(): under dynamic shapes the graph specialises on L
+    zdtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
+    return torch.empty_like(v), v.new_empty((2, 2 * v.shape[0], P, T, v.shape[2]), dtype=zdtype)
+
+
+@torch.library.custom_op("caracal::monarch_conv_backward", mutates_args=())
+def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
+                          warps: list[int] | None, stages: int) -> torch.Tensor:
+    """[dv; dg] stacked on the batch axis: dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v), from one
+    transform of dy and the forward's spectra of v and g."""
+    st = _stages(dy, (block_c, block_c2, rows_per_prog, warps, stages))
+    B = dy.shape[0]
+    zd = st.analysis([dy], flip=True)
+    return st.synthesis(st.spectral(zd, z.narrow(1, B, B), z.narrow(1, 0, B)), flip=True, dtype=dy.dtype)
+
+
+@monarch_conv_backward.register_fake
+def _(dy, z, block_c, block_c2, rows_per_prog, warps, stages):
+    return dy.new_empty((2 * dy.shape[0], *dy.shape[1:]))
+
+
+def _monarch_conv_setup(ctx, inputs, output):
+    ctx.tiles = inputs[2:]
+    ctx.save_for_backward(output[1])
+
+
+def _monarch_conv_grad(ctx, dy, _dz):
+    (z,) = ctx.saved_tensors
+    both = monarch_conv_backward(dy.contiguous(), z, *ctx.tiles)
+    B = dy.shape[0]
+    return both[:B], both[B:], None, None, None, None, None
+
+
+monarch_conv.register_autograd(_monarch_conv_grad, setup_context=_monarch_conv_setup)
 
 
 # --- Triton kernels ------------------------------------------------------------------------------------------

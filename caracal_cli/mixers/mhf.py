@@ -22,7 +22,6 @@ from caracal_cli.mixers.precision import autocast_off
 from caracal_cli.mixers import fftconv
 
 
-@torch.compiler.disable  # Inductor generates no complex kernels, and tracing cuFFT calls only recompiles
 def causal_fft_conv(v: torch.Tensor, g: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """y[:, t] = Σ_{j≤t} v[:, j] ⊙ g[:, t−j] for v, g of shape [B, L, D]; returns [B, L, D] in v's dtype.
 
@@ -33,6 +32,7 @@ def causal_fft_conv(v: torch.Tensor, g: torch.Tensor, impl: str = "auto") -> tor
     return causal_fft_conv_reference(v, g)
 
 
+@torch.compiler.disable  # Inductor generates no complex kernels, and tracing cuFFT calls only recompiles
 def causal_fft_conv_reference(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The exact reference of `causal_fft_conv` on every device.
 
