@@ -49,8 +49,8 @@ speed|speed-ssm)
     # One run per model, each with its own limit; a run stopped at its limit keeps the models it finished.
     S=(speed --size small --mode all --repeats 3 --warmup 1 --decode-tokens 16)
     if [ "$part" = speed ]; then
-        runs=("llama 120" "caracal 120" "swh 120")
-        step speed_caracal_torchfft 120 "${CARACAL[@]}" "${S[@]}" --models caracal \
+        runs=("llama 140" "caracal 140" "swh 130")
+        step speed_caracal_torchfft 130 "${CARACAL[@]}" "${S[@]}" --models caracal \
             --set model.mixers.F.fft_impl=torch --out "$WORK/speed_caracal_torchfft"
     else
         runs=("mamba 130" "jamba 130" "mamba2 280")
