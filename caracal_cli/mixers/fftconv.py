@@ -198,7 +198,8 @@ def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, 
 def _(v, g, block_c, block_c2, rows_per_prog, warps, stages):
     P, T = split_for(int(v.shape[1]))  # int(): under dynamic shapes the graph specialises on L
     zdtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
-    return torch.empty_like(v), v.new_empty((2, 2 * v.shape[0], P, T, v.shape[2]), dtype=zdtype)
+    # contiguous, as the kernels write them (empty_like would copy v's strides)
+    return v.new_empty(v.shape), v.new_empty((2, 2 * v.shape[0], P, T, v.shape[2]), dtype=zdtype)
 
 
 @torch.library.custom_op("caracal::monarch_conv_backward", mutates_args=())
