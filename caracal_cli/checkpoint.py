@@ -16,7 +16,6 @@ the whole checkpoint or none. Weights are safetensors; nothing is unpickled.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import shutil
 import tempfile

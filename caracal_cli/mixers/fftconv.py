@@ -29,6 +29,9 @@ than an H100 has at P = 128.
 
 `fft_conv_path` is the one place that picks the implementation; `TorchStages` is the same algorithm in plain
 PyTorch (any device and dtype, exact in float64), which the CPU tests compare with the torch.fft reference.
+The Triton stages run inside a custom operator (`caracal::monarch_conv`, with its backward), so torch.compile
+keeps the convolution inside the model's graph; the PyTorch stages run in `_MonarchConv`, the same composition
+as an autograd.Function.
 """
 
 from __future__ import annotations
