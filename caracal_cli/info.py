@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from caracal_cli.config import Config, list_presets, load_preset
-from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
+from caracal_cli.model import build_model, count_parameters, flops_per_token, kernel_paths
 from caracal_cli.monitor import PEAK_FLOPS
 
 
@@ -72,7 +72,7 @@ def describe_preset(config: Config, device: str = "cpu") -> dict:
         "mfu_formula": "flops_per_token_train x tokens/s / (world size x peak); peak "
                        + ", ".join(f"{gpu} {peak / 1e12:.0f} TFLOP/s" for gpu, peak in PEAK_FLOPS.items())
                        + " (bf16 dense), or --peak-flops",
-        "paths": mixer_paths(model, torch.device(device)),
+        "paths": kernel_paths(model, torch.device(device)),
         "train_memory_estimate_gib": {k: round(v, 1) if isinstance(v, float) else v
                                       for k, v in train_memory_estimate(config).items()},
     }

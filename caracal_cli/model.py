@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caracal_cli.config import ModelConfig
-from caracal_cli.loss import next_token_loss
+from caracal_cli.loss import loss_path, next_token_loss
 from caracal_cli.mixers import build_mixer
 
 
@@ -154,11 +154,14 @@ def flops_per_token(model: LanguageModel, seq_len: int) -> dict[str, float]:
     return {"matmul": matmul, "mixing": mixing, "forward": forward, "train": 3 * forward}
 
 
-def mixer_paths(model: LanguageModel, device: torch.device) -> dict[str, str]:
-    """Which implementation each mixer kind runs on `device` (for `caracal info` and the first log line)."""
+def kernel_paths(model: LanguageModel, device: torch.device) -> dict[str, str]:
+    """Which implementation each mixer kind, and the loss, runs on `device` under bf16 autocast (for `caracal
+    info`, the first log line and `caracal speed`'s report)."""
     paths = {}
     for block in model.blocks:
         mixer = block.mixer
         name = type(mixer).__name__ + (f"(window={mixer.window})" if getattr(mixer, "window", None) else "")
         paths[name] = mixer.path(device) if hasattr(mixer, "path") else "pytorch"
+    fused = loss_path(device, torch.bfloat16) == "triton"
+    paths["loss"] = "triton softmax-gradient" if fused else "pytorch"
     return paths

@@ -41,7 +41,7 @@ from caracal_cli.device import resolve_device
 from caracal_cli.fileio import atomic_path, write_json
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
-from caracal_cli.model import build_model, count_parameters, mixer_paths
+from caracal_cli.model import build_model, count_parameters, kernel_paths
 
 DEFAULT_MODELS = ("caracal", "llama", "mamba", "mamba2", "jamba", "swh")
 SIZES = ("tiny", "small", "medium", "large", "demo")
@@ -448,7 +448,7 @@ def _model_info(name: str, settings: SpeedSettings, device: torch.device,
     model = built["model"]
     info["weights_mem_bytes"] = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     return model, {**info, "status": "ok", "family": config.model.family, "params": count_parameters(model)["total"],
-                   "layers": "".join(config.model.layer_kinds()), "paths": mixer_paths(model, device),
+                   "layers": "".join(config.model.layer_kinds()), "paths": kernel_paths(model, device),
                    "compiled": settings.compile, "precision": _precision(settings)}
 
 

@@ -41,7 +41,7 @@ from caracal_cli.config import CaracalError, Config, load_preset
 from caracal_cli.device import resolve_device, to_device
 from caracal_cli.fileio import write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
-from caracal_cli.model import build_model, count_parameters, flops_per_token, mixer_paths
+from caracal_cli.model import build_model, count_parameters, flops_per_token, kernel_paths
 from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, require_tensorboard
 from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches
 from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
@@ -391,7 +391,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     model.to(dev)
     params = count_parameters(model)["total"]
     flops = flops_per_token(model, config.model.context)["train"]
-    paths = mixer_paths(model, dev)
+    paths = kernel_paths(model, dev)
     sharded = tc.parallel == "fsdp" and ranks.world_size > 1
     if job.compile:  # in place, so parameter names (and checkpoints) stay as they are
         for module in (model.blocks if sharded else [model]):

@@ -59,7 +59,7 @@ def test_speed_all_modes_writes_json_and_png(tmp_path):
     decode = [e for e in report["results"] if e["mode"] == "decode"]
     assert all(e["unit"] == "ms/token" and e["batch"] == 1 and e["context"] == e["length"] for e in decode)
     assert report["models"]["caracal"]["paths"]["MHF"].startswith("torch.fft")
-    assert report["models"]["llama"]["paths"] == {"Attention": "sdpa"}
+    assert report["models"]["llama"]["paths"] == {"Attention": "sdpa", "loss": "pytorch"}
     assert {(r["mode"], r["length"]) for r in report["ratios"]} == {(m, n) for m in speed.MODES for n in (64, 128)}
     assert (tmp_path / "speed.png").read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files

@@ -11,7 +11,7 @@ import torch
 from caracal_cli.config import ModelConfig, load_preset
 from caracal_cli.mixers import build_mixer
 from caracal_cli.mixers.mamba import choose_path, mamba_backend
-from caracal_cli.model import build_model, mixer_paths
+from caracal_cli.model import build_model, kernel_paths
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +39,7 @@ def test_auto_picks_the_library_on_cuda():
     with pytest.raises(RuntimeError, match="CUDA kernels"):
         choose_path("library", torch.device("cpu"))
     model = build_model(load_preset("jamba-demo").model)
-    assert mixer_paths(model, torch.device("cuda"))["Mamba"].startswith("mamba_ssm")
+    assert kernel_paths(model, torch.device("cuda"))["Mamba"].startswith("mamba_ssm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -72,7 +72,7 @@ def test_state_dicts_move_between_the_library_module_and_the_mixer(kind):
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
 def test_demo_model_trains_on_the_library_path_and_decodes_like_it(family):
     model = build_model(load_preset(f"{family}-demo").model).cuda()
-    assert all(p.startswith("mamba_ssm") for n, p in mixer_paths(model, torch.device("cuda")).items() if "Mamba" in n)
+    assert all(p.startswith("mamba_ssm") for n, p in kernel_paths(model, torch.device("cuda")).items() if "Mamba" in n)
     ids = torch.randint(0, model.config.vocab_size, (4, 129), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
