@@ -17,11 +17,12 @@ took 35% of the step before them):
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 
 import torch
 import torch.nn.functional as F
+
+from caracal_cli.mixers.precision import autocast_off
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 LOSS_CHUNK_ELEMENTS = 1 << 28  # logits computed at once: 512 MiB in bf16, 1 GiB in float32
@@ -44,12 +45,10 @@ def next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else h.dtype
     vocab = weight.shape[0]
-    padded = -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
-    chunk = chunk_rows or max(ROW_ALIGN, LOSS_CHUNK_ELEMENTS // padded // ROW_ALIGN * ROW_ALIGN)
+    chunk = chunk_rows or max(ROW_ALIGN, LOSS_CHUNK_ELEMENTS // padded_vocab(vocab) // ROW_ALIGN * ROW_ALIGN)
     grad_fn = softmax_grad_triton if loss_path(h.device, dtype, impl) == "triton" else softmax_grad_reference
     # The matmuls take `dtype` by explicit casts, so autocast is off for both paths.
-    with torch.profiler.record_function(LOSS_PROFILE_LABEL), \
-            torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+    with torch.profiler.record_function(LOSS_PROFILE_LABEL), autocast_off(h.device):
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = _ChunkedLinearCrossEntropy.apply(h, weight, t, chunk, dtype, grad_fn)
         else:
@@ -68,9 +67,14 @@ def loss_path(device: torch.device, dtype: torch.dtype, impl: str = "auto") -> s
     return "triton" if fused else "torch"
 
 
+def padded_vocab(vocab: int) -> int:
+    """The head's rows inside the loss: `vocab` rounded up to a multiple of VOCAB_ALIGN."""
+    return -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
+
+
 def _padded_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The head in `dtype` with zero rows up to a multiple of VOCAB_ALIGN (one copy, as the cast was anyway)."""
-    pad = -weight.shape[0] % VOCAB_ALIGN
+    """The head in `dtype` with zero rows up to `padded_vocab` (one copy, as the cast was anyway)."""
+    pad = padded_vocab(weight.shape[0]) - weight.shape[0]
     w = weight.detach().to(dtype)
     return F.pad(w, (0, 0, 0, pad)) if pad else w
 

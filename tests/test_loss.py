@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from caracal_cli.loss import LOSS_CHUNK_ELEMENTS, ROW_ALIGN, TRITON_AVAILABLE, VOCAB_ALIGN, loss_path, \
-    next_token_loss, softmax_grad_reference, softmax_grad_triton
+from caracal_cli.loss import LOSS_CHUNK_ELEMENTS, ROW_ALIGN, TRITON_AVAILABLE, loss_path, next_token_loss, \
+    padded_vocab, softmax_grad_reference, softmax_grad_triton
 
 def _plain_loss(hidden, weight, targets, reduction):
     logits = hidden.flatten(0, 1) @ weight.t()
@@ -69,7 +69,7 @@ def test_padding_rows_get_no_probability_and_no_gradient():
 def test_default_chunks_are_aligned_and_bounded():
     """GPT-2's head pads to 50304 rows; a chunk is a multiple of ROW_ALIGN rows within the element budget."""
     vocab = 50257
-    padded = -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
+    padded = padded_vocab(vocab)
     chunk = max(ROW_ALIGN, LOSS_CHUNK_ELEMENTS // padded // ROW_ALIGN * ROW_ALIGN)
     assert padded == 50304 and chunk % ROW_ALIGN == 0 and chunk * padded <= LOSS_CHUNK_ELEMENTS
 

@@ -182,8 +182,8 @@ def _tile_args(block_c: int = 64, block_c2: int = 32, rows_per_prog: int = 4, wa
     return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages
 
 
-def _stages(x: torch.Tensor, tiles: tuple) -> TritonStages:
-    block_c, block_c2, rows, warps, stages = tiles
+def _stages(x: torch.Tensor, block_c: int, block_c2: int, rows: int, warps: list[int] | None,
+            stages: int) -> TritonStages:
     return TritonStages(x.shape[1], x.device, x.dtype, block_c, block_c2, rows, tuple(warps) if warps else None, stages)
 
 
@@ -191,7 +191,7 @@ def _stages(x: torch.Tensor, tiles: tuple) -> TritonStages:
 @torch.library.custom_op("caracal::monarch_conv", mutates_args=())
 def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
                  warps: list[int] | None, stages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    st = _stages(v, (block_c, block_c2, rows_per_prog, warps, stages))
+    st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages)
     B = v.shape[0]
     z = st.analysis([v, g], flip=False)
     return st.synthesis(st.spectral(z.narrow(1, 0, B), z.narrow(1, B, B)), flip=False, dtype=v.dtype), z
@@ -210,7 +210,7 @@ def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, block_c: int, block
                           warps: list[int] | None, stages: int) -> torch.Tensor:
     """[dv; dg] stacked on the batch axis: dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v), from one
     transform of dy and the forward's spectra of v and g."""
-    st = _stages(dy, (block_c, block_c2, rows_per_prog, warps, stages))
+    st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages)
     B = dy.shape[0]
     zd = st.analysis([dy], flip=True)
     return st.synthesis(st.spectral(zd, z.narrow(1, B, B), z.narrow(1, 0, B)), flip=True, dtype=dy.dtype)
