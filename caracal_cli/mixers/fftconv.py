@@ -19,10 +19,13 @@ Backward: dv_j = Σ_{t≥j} dy_t g_{t−j} is the causal convolution of the reve
 the same three stages run with `flip` on the load of dy and the store of dv, dg, and reuse the forward's
 spectra of v and g.
 
-Precision (bf16/fp16 inputs): spectra are stored in bf16 (range-safe); every tensor-core operand is fp16 with
-one scale per channel (its max |·| → 1), so nothing overflows and small channels keep their digits; products
-accumulate in fp32. A float64 emulation of these roundings gives a relative error of ≈3e-3 against float64
-(the bf16 output's own rounding is ≈1.7e-3; fp16 operands without scaling overflow, bf16 ones give ≈6e-3).
+Precision (bf16/fp16 inputs): spectra are stored in fp16, each row divided by its max |·| (one float32 scale
+per row: per (n1, channel) after analysis, per (k2, channel) after the spectral stage), so nothing overflows;
+every tensor-core operand is fp16 with one scale per channel; products accumulate in fp32. A float64
+emulation of these roundings gives a relative error of ≈1.8e-3 against float64, about the bf16 output's own
+rounding. The error is spread evenly over positions, so its share of y_t falls as 1/√t: MHF's mean scale
+(y_t / (t+1)) sees ≈1e-2 at t = 0 for L = 1024 and ≈5e-2 at L = 16384, below 1e-2 from t ≈ 30 on. bf16
+spectra (range-safe without scales) were 5x worse there: 2.6e-1 at t = 0 for L = 16384.
 float32 and float64 inputs run the exact torch.fft reference: the kernels' float32 mode (float32 spectra,
 3×tf32 products, ≈3e-7) is kept for testing the kernels' arithmetic, but its tiles need more shared memory
 than an H100 has at P = 128.
@@ -187,48 +190,57 @@ def _stages(x: torch.Tensor, block_c: int, block_c2: int, rows: int, warps: list
     return TritonStages(x.shape[1], x.device, x.dtype, block_c, block_c2, rows, tuple(warps) if warps else None, stages)
 
 
-# The operator returns the spectra [2, 2B, P, T, D] of v and g beside y, so that the backward reuses them.
+def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples start..start+n−1 of scaled spectra (values [2, S·B, …], scales [S·B, …])."""
+    z, s = spectra
+    return z.narrow(1, start, n), s.narrow(0, start, n)
+
+
+# The operator returns the spectra of v and g beside y (values [2, 2B, P, T, D] and their scales [2B, T, D]),
+# so that the backward reuses them.
 @torch.library.custom_op("caracal::monarch_conv", mutates_args=())
 def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
-                 warps: list[int] | None, stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 warps: list[int] | None, stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages)
     B = v.shape[0]
-    z = st.analysis([v, g], flip=False)
-    return st.synthesis(st.spectral(z.narrow(1, 0, B), z.narrow(1, B, B)), flip=False, dtype=v.dtype), z
+    z, s = st.analysis([v, g], flip=False)
+    w = st.spectral(_part((z, s), 0, B), _part((z, s), B, B))
+    return st.synthesis(w, flip=False, dtype=v.dtype), z, s
 
 
 @monarch_conv.register_fake
 def _(v, g, block_c, block_c2, rows_per_prog, warps, stages):
     P, T = split_for(int(v.shape[1]))  # int(): under dynamic shapes the graph specialises on L
-    zdtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
+    zdtype = torch.float32 if v.dtype == torch.float32 else torch.float16
     # contiguous, as the kernels write them (empty_like would copy v's strides)
-    return v.new_empty(v.shape), v.new_empty((2, 2 * v.shape[0], P, T, v.shape[2]), dtype=zdtype)
+    return (v.new_empty(v.shape), v.new_empty((2, 2 * v.shape[0], P, T, v.shape[2]), dtype=zdtype),
+            v.new_empty((2 * v.shape[0], T, v.shape[2]), dtype=torch.float32))
 
 
 @torch.library.custom_op("caracal::monarch_conv_backward", mutates_args=())
-def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
-                          warps: list[int] | None, stages: int) -> torch.Tensor:
+def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, s: torch.Tensor, block_c: int, block_c2: int,
+                          rows_per_prog: int, warps: list[int] | None, stages: int) -> torch.Tensor:
     """[dv; dg] stacked on the batch axis: dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v), from one
     transform of dy and the forward's spectra of v and g."""
     st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages)
     B = dy.shape[0]
-    zd = st.analysis([dy], flip=True)
-    return st.synthesis(st.spectral(zd, z.narrow(1, B, B), z.narrow(1, 0, B)), flip=True, dtype=dy.dtype)
+    w = st.spectral(st.analysis([dy], flip=True), _part((z, s), B, B), _part((z, s), 0, B))
+    return st.synthesis(w, flip=True, dtype=dy.dtype)
 
 
 @monarch_conv_backward.register_fake
-def _(dy, z, block_c, block_c2, rows_per_prog, warps, stages):
+def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages):
     return dy.new_empty((2 * dy.shape[0], *dy.shape[1:]))
 
 
 def _monarch_conv_setup(ctx, inputs, output):
     ctx.tiles = inputs[2:]
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], output[2])
 
 
-def _monarch_conv_grad(ctx, dy, _dz):
-    (z,) = ctx.saved_tensors
-    both = monarch_conv_backward(dy.contiguous(), z, *ctx.tiles)
+def _monarch_conv_grad(ctx, dy, _dz, _ds):
+    z, s = ctx.saved_tensors
+    both = monarch_conv_backward(dy.contiguous(), z, s, *ctx.tiles)
     B = dy.shape[0]
     return both[:B], both[B:], None, None, None, None, None
 
@@ -259,7 +271,7 @@ class TritonStages:
         self.L = length
         self.P, self.T = split_for(length)
         self.fp32 = dtype == torch.float32
-        self.zdtype = torch.float32 if self.fp32 else torch.bfloat16
+        self.zdtype = torch.float32 if self.fp32 else torch.float16
         self.A, self.F, self.tw = _kernel_tables(self.P, self.T, str(torch.device(device)), self.fp32)
         self.block_c, self.block_c2 = block_c, block_c2
         self.rows = rows_per_prog
@@ -271,36 +283,46 @@ class TritonStages:
     def _rows(self, n: int) -> int:
         return min(self.rows, n)
 
-    def analysis(self, xs: list[torch.Tensor], flip: bool) -> torch.Tensor:
+    def analysis(self, xs: list[torch.Tensor], flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spectra of each x in xs, stacked on the batch axis: values [2, S·B, P, T, D] and scales [S·B, T, D]."""
         B, L, D = xs[0].shape
         z = torch.empty(2, len(xs) * B, self.P, self.T, D, device=xs[0].device, dtype=self.zdtype)
+        scale = torch.empty(len(xs) * B, self.T, D, device=xs[0].device, dtype=torch.float32)
         rows = self._rows(self.T)
-        for s, x in enumerate(xs):
+        for i, x in enumerate(xs):
             x = x if x.stride(-1) == 1 else x.contiguous()
             grid = (self.T // rows, triton.cdiv(D, self.block_c), B)
-            _analysis_kernel[grid](x, z[:, s * B:], self.A, self.tw, L, D, x.stride(0), x.stride(1), z.stride(0),
+            _analysis_kernel[grid](x, z[:, i * B:], scale[i * B:], self.A, self.tw, L, D, x.stride(0), x.stride(1),
+                                   z.stride(0),
                                    P=self.P, T=self.T, BLOCK_C=self.block_c, ROWS=rows, FLIP=flip, FP32=self.fp32,
                                    num_warps=self.warps[0], num_stages=self.stages)
-        return z
+        return z, scale
 
-    def spectral(self, za: torch.Tensor, zb: torch.Tensor, zc: torch.Tensor | None = None) -> torch.Tensor:
+    def spectral(self, a: tuple, b: tuple, c: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """W for the spectra a and b (and a second output for a and c): values [2, n·B, P, T, D] and scales
+        [n·B, P, D]."""
+        (za, sa), (zb, sb) = a, b
+        two = c is not None
+        zc, sc = c if two else b
         B, D = za.shape[1], za.shape[-1]
-        two = zc is not None
         out = torch.empty(2, (2 if two else 1) * B, self.P, self.T, D, device=za.device, dtype=self.zdtype)
+        scale = torch.empty((2 if two else 1) * B, self.P, D, device=za.device, dtype=torch.float32)
         rows = self._rows(self.P)
         grid = (self.P // rows, triton.cdiv(D, self.block_c2), B)
-        _spectral_kernel[grid](za, zb, zc if two else zb, out, out[:, B:] if two else out, self.F, self.tw, D,
-                               za.stride(0), zb.stride(0), (zc if two else zb).stride(0), out.stride(0),
+        _spectral_kernel[grid](za, zb, zc, sa, sb, sc, out, out[:, B:] if two else out, scale,
+                               scale[B:] if two else scale, self.F, self.tw, D,
+                               za.stride(0), zb.stride(0), zc.stride(0), out.stride(0),
                                P=self.P, T=self.T, BLOCK_C=self.block_c2, ROWS=rows, TWO=two, FP32=self.fp32,
                                num_warps=self.warps[1], num_stages=self.stages)
-        return out
+        return out, scale
 
-    def synthesis(self, w: torch.Tensor, flip: bool, dtype: torch.dtype) -> torch.Tensor:
+    def synthesis(self, spectra: tuple, flip: bool, dtype: torch.dtype) -> torch.Tensor:
+        w, scale = spectra
         SB, D = w.shape[1], w.shape[-1]
         y = torch.empty(SB, self.L, D, device=w.device, dtype=dtype)
         rows = self._rows(self.T)
         grid = (self.T // rows, triton.cdiv(D, self.block_c), SB)
-        _synthesis_kernel[grid](w, y, self.A, self.L, D, w.stride(0), math.sqrt(self.P * self.T),
+        _synthesis_kernel[grid](w, scale, y, self.A, self.L, D, w.stride(0), math.sqrt(self.P * self.T),
                                 P=self.P, T=self.T, BLOCK_C=self.block_c, ROWS=rows, FLIP=flip, FP32=self.fp32,
                                 num_warps=self.warps[2], num_stages=self.stages)
         return y
@@ -331,13 +353,15 @@ if TRITON_AVAILABLE:
         return tl.where(m > 0, m, 1.0)[:, None]
 
     @triton.jit
-    def _analysis_kernel(x_ptr, z_ptr, a_ptr, tw_ptr, L, D, stride_b, stride_t, plane,
+    def _analysis_kernel(x_ptr, z_ptr, s_ptr, a_ptr, tw_ptr, L, D, stride_b, stride_t, plane,
                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                          FLIP: tl.constexpr, FP32: tl.constexpr):
-        """Z[b, k2, n1, c] for ROWS values of n1 and BLOCK_C channels: x[c, n2] @ A^T[n2, k2], then tw."""
+        """Z[b, k2, n1, c] for ROWS values of n1 and BLOCK_C channels: x[c, n2] @ A^T[n2, k2], then tw; stored
+        as Z / S with S[b, n1, c] = max over k2 of |Re Z|, |Im Z|."""
         b = tl.program_id(2).to(tl.int64)  # per-batch bases in int64, offsets inside a tile in int32
         x_ptr += b * stride_b
         z_ptr += b * P * T * D
+        s_ptr += b * T * D
         k = tl.arange(0, P)  # n2 of the input columns, k2 of the output columns
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = (c < D)[:, None]
@@ -362,9 +386,13 @@ if TRITON_AVAILABLE:
                 zi = _mm(x16, ai, zero, FP32) * s
             twr = tl.load(tw_ptr + k * T + n1)[None, :]
             twi = tl.load(tw_ptr + P * T + k * T + n1)[None, :]
+            outr, outi = zr * twr - zi * twi, zr * twi + zi * twr
+            s_out = _row_scale(outr, outi)
+            tl.store(s_ptr + n1 * D + c[:, None], s_out, mask=cmask)
+            inv = 1.0 / s_out
             off = (k[None, :] * T + n1) * D + c[:, None]
-            tl.store(z_ptr + off, (zr * twr - zi * twi).to(z_ptr.dtype.element_ty), mask=cmask)
-            tl.store(z_ptr + plane + off, (zr * twi + zi * twr).to(z_ptr.dtype.element_ty), mask=cmask)
+            tl.store(z_ptr + off, (outr * inv).to(z_ptr.dtype.element_ty), mask=cmask)
+            tl.store(z_ptr + plane + off, (outi * inv).to(z_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _col_scale(xr, xi):
@@ -394,12 +422,28 @@ if TRITON_AVAILABLE:
         return outr * s, outi * s
 
     @triton.jit
-    def _spectral_kernel(za_ptr, zb_ptr, zc_ptr, out_ptr, out2_ptr, f_ptr, tw_ptr, D,
-                         plane_a, plane_b, plane_c, plane_o,
+    def _load_spectrum(z, scale, plane, off, cmask):
+        """A scaled spectrum tile (re, im) back in float32."""
+        return (tl.load(z + off, mask=cmask, other=0.0).to(tl.float32) * scale,
+                tl.load(z + plane + off, mask=cmask, other=0.0).to(tl.float32) * scale)
+
+    @triton.jit
+    def _store_spectrum(out, s, plane, off, yr, yi, cmask):
+        """Store a [T, C] tile as yr/S, yi/S with S[c] = max over the column of |yr|, |yi|."""
+        scale = _col_scale(yr, yi)
+        tl.store(s, scale, mask=cmask)
+        inv = 1.0 / scale
+        tl.store(out + off, (yr * inv).to(out.dtype.element_ty), mask=cmask)
+        tl.store(out + plane + off, (yi * inv).to(out.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _spectral_kernel(za_ptr, zb_ptr, zc_ptr, sa_ptr, sb_ptr, sc_ptr, out_ptr, out2_ptr, so_ptr, so2_ptr,
+                         f_ptr, tw_ptr, D, plane_a, plane_b, plane_c, plane_o,
                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                          TWO: tl.constexpr, FP32: tl.constexpr):
         """For ROWS values of k2 and BLOCK_C channels: W = conj(tw) ⊙ F^H((F Z_a) ⊙ (F Z_b)) along n1
-        (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]."""
+        (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]. Inputs carry one
+        scale per (n1, c), outputs get one per (k2, c)."""
         b = tl.program_id(2).to(tl.int64)
         n = tl.arange(0, T)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -408,33 +452,39 @@ if TRITON_AVAILABLE:
         fr = tl.load(f_ptr + f_off)
         fi = tl.load(f_ptr + T * T + f_off)
         off = n[:, None] * D + c[None, :]
+        s_base = b * T * D  # the input scales [B, T(n1), D] do not depend on k2: loaded once
+        sa = tl.load(sa_ptr + s_base + off, mask=cmask, other=0.0)
+        sb = tl.load(sb_ptr + s_base + off, mask=cmask, other=0.0)
+        sc = tl.load(sc_ptr + s_base + off, mask=cmask, other=0.0) if TWO else sb
         for i in range(ROWS):
             k2 = tl.program_id(0) * ROWS + i
             base = (b * P + k2) * T * D  # int64; the offsets inside the tile stay int32
             za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
-            ar, ai = _dft_cols(fr, fi, tl.load(za + off, mask=cmask, other=0.0).to(tl.float32),
-                               tl.load(za + plane_a + off, mask=cmask, other=0.0).to(tl.float32), FP32, False)
-            br, bi = _dft_cols(fr, fi, tl.load(zb + off, mask=cmask, other=0.0).to(tl.float32),
-                               tl.load(zb + plane_b + off, mask=cmask, other=0.0).to(tl.float32), FP32, False)
+            so_off = (b * P + k2) * D + c[None, :]
+            xr, xi = _load_spectrum(za, sa, plane_a, off, cmask)
+            ar, ai = _dft_cols(fr, fi, xr, xi, FP32, False)
+            xr, xi = _load_spectrum(zb, sb, plane_b, off, cmask)
+            br, bi = _dft_cols(fr, fi, xr, xi, FP32, False)
             twr = tl.load(tw_ptr + k2 * T + n)[:, None]
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
             yr, yi = _dft_cols(fr, fi, ar * br - ai * bi, ar * bi + ai * br, FP32, True)
-            tl.store(out + off, (yr * twr + yi * twi).to(out_ptr.dtype.element_ty), mask=cmask)
-            tl.store(out + plane_o + off, (yi * twr - yr * twi).to(out_ptr.dtype.element_ty), mask=cmask)
+            _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi, cmask)
             if TWO:
-                br, bi = _dft_cols(fr, fi, tl.load(zc + off, mask=cmask, other=0.0).to(tl.float32),
-                                   tl.load(zc + plane_c + off, mask=cmask, other=0.0).to(tl.float32), FP32, False)
+                xr, xi = _load_spectrum(zc, sc, plane_c, off, cmask)
+                br, bi = _dft_cols(fr, fi, xr, xi, FP32, False)
                 yr, yi = _dft_cols(fr, fi, ar * br - ai * bi, ar * bi + ai * br, FP32, True)
-                tl.store(out2 + off, (yr * twr + yi * twi).to(out_ptr.dtype.element_ty), mask=cmask)
-                tl.store(out2 + plane_o + off, (yi * twr - yr * twi).to(out_ptr.dtype.element_ty), mask=cmask)
+                _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
+                                cmask)
 
     @triton.jit
-    def _synthesis_kernel(w_ptr, y_ptr, a_ptr, L, D, plane, scale,
+    def _synthesis_kernel(w_ptr, s_ptr, y_ptr, a_ptr, L, D, plane, scale,
                           P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                           FLIP: tl.constexpr, FP32: tl.constexpr):
-        """y[b, n1 + T·n2, c] = √Lp · Σ_{k2} (Re W[c, k2] Re A[k2, n2] + Im W Im A) for ROWS values of n1."""
+        """y[b, n1 + T·n2, c] = √Lp · Σ_{k2} (Re W[c, k2] Re A[k2, n2] + Im W Im A) for ROWS values of n1;
+        W arrives scaled, one scale per (k2, c)."""
         b = tl.program_id(2).to(tl.int64)
         w_ptr += b * P * T * D
+        s_ptr += b * P * D
         y_ptr += b * L * D
         k = tl.arange(0, P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -443,11 +493,12 @@ if TRITON_AVAILABLE:
         ar = tl.load(a_ptr + a_off)
         ai = tl.load(a_ptr + P * P + a_off)
         zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        w_scale = tl.load(s_ptr + k[None, :] * D + c[:, None], mask=cmask, other=0.0)  # the same for every n1
         for i in range(ROWS):
             n1 = tl.program_id(0) * ROWS + i
             off = (k[None, :] * T + n1) * D + c[:, None]
-            wr = tl.load(w_ptr + off, mask=cmask, other=0.0).to(tl.float32)
-            wi = tl.load(w_ptr + plane + off, mask=cmask, other=0.0).to(tl.float32)
+            wr = tl.load(w_ptr + off, mask=cmask, other=0.0).to(tl.float32) * w_scale
+            wi = tl.load(w_ptr + plane + off, mask=cmask, other=0.0).to(tl.float32) * w_scale
             if FP32:
                 y = _mm(wi, ai, _mm(wr, ar, zero, FP32), FP32) * scale
             else:
