@@ -103,6 +103,16 @@ def test_mhf_reports_its_path_and_validates_fft_impl(monkeypatch):
         build_mixer({"kind": "mhf", "fft_impl": "cufft"}, model)
 
 
+def test_swh_reports_the_fft_path_it_runs(monkeypatch):
+    """SWH's spectral branch goes through causal_fft_conv with a bf16 input under autocast, so on CUDA it runs
+    the kernels (it once reported torch.fft there)."""
+    swh = build_mixer({"kind": "swh", "chunk": 4}, small_model_config())
+    assert swh.path(torch.device("cpu")).startswith("torch.fft (float32) + ")
+    monkeypatch.setattr(fftconv, "TRITON_AVAILABLE", True)
+    assert swh.path(torch.device("cuda")).startswith("triton fft-conv")
+    assert fft_conv_path(torch.device("cuda"), torch.bfloat16, 1024) == "triton"
+
+
 def test_fast_impl_fails_loudly_on_cpu():
     mhf = build_mixer({"kind": "mhf", "fft_impl": "fast"}, small_model_config())
     with pytest.raises(RuntimeError, match="fft_impl=fast"):

@@ -77,6 +77,13 @@ def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None =
     return "triton"
 
 
+def path_label(device: torch.device, impl: str = "auto") -> str:
+    """What a mixer's FFT convolution runs on `device` under autocast (bf16), for reports."""
+    if fft_conv_path(device, torch.bfloat16, None, "auto" if impl == "fast" else impl) == "triton":
+        return f"triton fft-conv (L ≤ {MAX_LEN}; torch.fft beyond)"  # "fast" raises in forward, not here
+    return "torch.fft (float32)"
+
+
 def split_for(length: int) -> tuple[int, int]:
     """(P, T) for a sequence of `length`: padded to the next power of two, at least MIN_PADDED_LEN."""
     padded = max(MIN_PADDED_LEN, 1 << max(0, length - 1).bit_length())

@@ -113,10 +113,7 @@ class MHF(nn.Module):
         self.out.residual_projection = True  # scaled init (GPT-2)
 
     def path(self, device: torch.device) -> str:
-        impl = "auto" if self.cfg.fft_impl == "fast" else self.cfg.fft_impl  # "fast" raises in forward, not here
-        if fftconv.fft_conv_path(device, torch.bfloat16, None, impl) == "triton":
-            return f"triton fft-conv (L ≤ {fftconv.MAX_LEN}; torch.fft beyond)"
-        return "torch.fft (float32)"
+        return fftconv.path_label(device, self.cfg.fft_impl)
 
     def scale_factors(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
         """Per-position divisor of the causal sum at positions start..start+length−1, as [length, 1]."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers.attention import apply_rope, rope_tables
+from caracal_cli.mixers.fftconv import path_label
 from caracal_cli.mixers.mhf import causal_fft_conv
 
 
@@ -98,7 +99,7 @@ class SWH(nn.Module):
         self.out_proj.residual_projection = True
 
     def path(self, device: torch.device) -> str:
-        return f"torch.fft (float32) + chunked SWA (sdpa + block-causal mask, chunk {self.cfg.chunk})"
+        return f"{path_label(device)} + chunked SWA (sdpa + block-causal mask, chunk {self.cfg.chunk})"
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, L, _ = x.shape
