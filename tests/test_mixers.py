@@ -121,6 +121,28 @@ def test_rope_is_a_relative_rotation():
     assert not torch.allclose(dot(9, 3), dot(9, 4))
 
 
+def test_rope_tables_are_buffers_outside_the_compiled_graph_and_grow_past_the_context():
+    """RoPE's cos/sin are computed once, not inside every forward: a compiled graph only reads them (Inductor had
+    fused their pow/cos/sin into the rotation kernels), and checkpoints do not carry them."""
+    mixer = build_mixer({"kind": "attention"}, small_model_config(pos_emb="rope", context=16))
+    assert set(mixer.state_dict()) == {"qkv.weight", "out.weight"}
+    ops: list[str] = []
+
+    def record(graph_module, example_inputs):
+        ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op.startswith("call_"))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(torch.compile(mixer, backend=record, fullgraph=True)(x), mixer(x))
+    assert ops and not [op for op in ops if "cos" in op or "sin" in op or "pow" in op], ops
+    cos, sin = rope_tables(40, 8, 10000.0)
+    mixer(torch.randn(1, 40, 32))  # past the 16-position context: the tables grow
+    assert mixer.rotary.cos.shape[0] >= 40
+    torch.testing.assert_close(mixer.rotary.cos[:40], cos)
+    torch.testing.assert_close(mixer.rotary.sin[:40], sin)
+
+
 def test_attention_path_is_reported():
     mixer = make({"kind": "attention", "window": 8})
     assert isinstance(mixer, Attention)

@@ -30,7 +30,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (i, i + d/2) of x [B, H, L, d_head] by position-dependent angles (cos/sin: [L, d_head])."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    work = torch.promote_types(x.dtype, torch.float32)  # bf16 rotates in float32, float64 stays float64
+    return (x.to(work) * cos + rotated.to(work) * sin).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE for q and k with its cos/sin tables kept as float32 buffers (not saved in checkpoints), computed once
+    for `context` positions and grown when a longer sequence comes. Under torch.compile the tables are inputs
+    to the rotation: computed inside the graph, Inductor fused their pow/cos/sin into the rotation's kernels,
+    per element, forward and backward (2 ms of llama-tiny's 22.5 ms training step on an H200)."""
+
+    def __init__(self, d_head: int, theta: float, context: int):
+        super().__init__()
+        self.d_head, self.theta = d_head, theta
+        self._build(context, None)
+
+    def _build(self, length: int, device) -> None:
+        cos, sin = rope_tables(length, self.d_head, self.theta, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + q.shape[2]
+        if end > self.cos.shape[0] or self.cos.dtype not in (torch.float32, torch.float64):  # or cast to 16 bits
+            self._build(max(end, 2 * self.cos.shape[0]), q.device)
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def band_mask(q_len: int, kv_len: int, window: int | None, device=None) -> torch.Tensor:
@@ -91,8 +116,7 @@ class Attention(nn.Module):
         super().__init__()
         self.window = cfg.window
         self.n_head, self.d_head = model.n_head, model.d_head
-        self.rope = model.pos_emb == "rope"
-        self.rope_theta = model.rope_theta
+        self.rotary = Rotary(self.d_head, model.rope_theta, model.context) if model.pos_emb == "rope" else None
         self.qkv = nn.Linear(model.d_model, 3 * model.d_model, bias=False)
         self.out = nn.Linear(model.d_model, model.d_model, bias=False)
         self.out.residual_projection = True
@@ -101,17 +125,12 @@ class Attention(nn.Module):
         path = attention_path(device, self.window)
         return path + f" (L % {FLEX_BLOCK} == 0; sdpa+band-mask otherwise)" if path == "flex_attention" else path
 
-    def _rope(self, q, k, start: int):
-        cos, sin = rope_tables(start + q.shape[2], self.d_head, self.rope_theta, q.device)
-        cos, sin = cos[start:], sin[start:]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # 3×[B, H, L, dh]
         start = 0 if cache is None else cache["pos"]
-        if self.rope:
-            q, k = self._rope(q, k, start)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, start)
         if cache is not None:
             y = self._attend_cached(q, k, v, cache)
         elif self.window is None or self.window >= L:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
-from caracal_cli.mixers.attention import apply_rope, rope_tables
+from caracal_cli.mixers.attention import Rotary
 from caracal_cli.mixers.fftconv import path_label
 from caracal_cli.mixers.mhf import causal_fft_conv
 
@@ -89,7 +89,7 @@ class SWH(nn.Module):
         d, w = model.d_model, cfg.width or model.d_model
         self.n_head = cfg.heads or model.n_head
         self.d_head = w // self.n_head
-        self.rope_theta = model.rope_theta
+        self.rotary = Rotary(self.d_head, model.rope_theta, model.context) if cfg.rope else None
         self.proj = nn.Linear(d, w, bias=False)  # spectral branch input
         self.decay = nn.Parameter(torch.randn(w))  # α, ω ~ N(0, 1) as the public code; plain parameters, so
         self.freq = nn.Parameter(torch.randn(w))  # the model's GPT-2 init leaves them alone
@@ -107,9 +107,8 @@ class SWH(nn.Module):
         s = self._spectral(self.proj(x), cache)
         s = self.norm(s.to(torch.promote_types(s.dtype, torch.float32)))
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # 3×[B, H, L, dh]
-        if self.cfg.rope:
-            cos, sin = rope_tables(start + L, self.d_head, self.rope_theta, x.device)
-            q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, start)
         if cache is None or start == 0:
             a = chunked_window_attention(q, k, v, self.cfg.chunk)
         else:
