@@ -84,9 +84,9 @@ class MHF(nn.Module):
         # shared part grew as √t; mean did not stall and reached val 4.86 where sqrt reached 5.28 and 5.77
         # (200 steps of 131k tokens; llama-tiny 4.85).
         scale: str = "mean"
-        # auto: the Triton kernels of fftconv.py on CUDA for bf16/fp16 (rel. error ~3e-3, 3-4x faster than
-        # torch.fft on an H100), torch.fft elsewhere | torch: always the exact torch.fft path | fast: the kernels
-        # or an error.
+        # auto: the Triton kernels of fftconv.py on CUDA for bf16/fp16 (rel. error ~2e-3, 2-4x faster than
+        # torch.fft on an H100 or H200), torch.fft elsewhere | torch: always the exact torch.fft path | fast:
+        # the kernels or an error.
         fft_impl: str = "auto"
 
         def validate(self, model: ModelConfig, where: str) -> None:
