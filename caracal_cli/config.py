@@ -93,6 +93,9 @@ class DataConfig:
     val_tokens: int = 10_485_760  # evaluated prefix of the validation split (llm.c's 10M)
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
 @dataclass
 class TrainConfig:
     tokens: int = 10_000_000_000
@@ -107,6 +110,9 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "bf16"  # autocast dtype on GPU; CPU runs in float32
     compile: bool = False
+    # torch.compile's mode when compiling: default | max-autotune-no-cudagraphs (autotunes the matmuls; CUDA
+    # graphs stay off, the chunked loss runs eager between graphs) | max-autotune | reduce-overhead
+    compile_mode: str = "default"
     parallel: str = "ddp"  # ddp | fsdp
     eval_every: int = 250
     eval_tokens: int = 1_048_576
@@ -125,6 +131,7 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         _choice("train.dtype", self.dtype, ["bf16", "fp16", "fp32"])
         _choice("train.parallel", self.parallel, ["ddp", "fsdp"])
+        _choice("train.compile_mode", self.compile_mode, list(COMPILE_MODES))
 
 
 @dataclass

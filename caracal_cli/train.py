@@ -395,7 +395,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     sharded = tc.parallel == "fsdp" and ranks.world_size > 1
     if job.compile:  # in place, so parameter names (and checkpoints) stay as they are
         for module in (model.blocks if sharded else [model]):
-            module.compile()
+            module.compile(mode=None if tc.compile_mode == "default" else tc.compile_mode)
     if sharded:
         from torch.distributed.fsdp import fully_shard
 
@@ -440,7 +440,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     mode = "fsdp" if sharded else "ddp" if ranks.world_size > 1 else "single process"
     console.print(f"device {dev}{gpu} | world size {ranks.world_size} ({mode}) | {params / 1e6:.2f}M parameters"
                   f" | kernels: {', '.join(f'{k}: {v}' for k, v in paths.items())}"
-                  f" | compile {'on' if job.compile else 'off'}")
+                  f" | compile {f'on ({tc.compile_mode})' if job.compile else 'off'}")
     console.print(f"{config.name}: {plan.micro_batch} seq × {plan.context} tokens × {plan.grad_accum} accum × "
                   f"{plan.world_size} ranks = {plan.tokens_per_step} tokens/step, steps {state.step}→{end_step} "
                   f"of {plan.total_steps} | data {data_dir} ({len(batches.stream)} train tokens) | "

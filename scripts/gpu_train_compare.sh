@@ -13,7 +13,7 @@
 # no network, no `datasets` or `lm-eval` needed):
 #   bash scripts/gpu_train_compare.sh
 # Knobs (environment): TOKENS (per model), BATCH (global batch tokens), LR, DATA, RUNS, COMPILE_CARACAL=0|1,
-# CARACAL_SETS (extra `key=value` overrides for Caracal only, space-separated), SKIP_LLAMA=1.
+# CARACAL_SETS and LLAMA_SETS (extra `key=value` overrides for one model, space-separated), SKIP_LLAMA=1.
 set -euo pipefail
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -50,7 +50,10 @@ train() {  # train PRESET [extra args…]
 CARACAL_ARGS=()
 for override in ${CARACAL_SETS:-}; do CARACAL_ARGS+=(--set "$override"); done
 
-[ "${SKIP_LLAMA:-0}" = 1 ] || train llama-tiny --compile
+LLAMA_ARGS=()
+for override in ${LLAMA_SETS:-}; do LLAMA_ARGS+=(--set "$override"); done
+
+[ "${SKIP_LLAMA:-0}" = 1 ] || train llama-tiny --compile "${LLAMA_ARGS[@]}"
 if [ "$COMPILE_CARACAL" = 1 ]; then
     if ! train tiny --compile "${CARACAL_ARGS[@]}"; then
         echo "Caracal with torch.compile failed; training it eagerly instead" >&2

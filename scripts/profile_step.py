@@ -1,7 +1,8 @@
 """Where a training step's time goes: one preset's forward + loss + backward + AdamW under torch.profiler, its
 kernels summed by kind (matmul, FFT, attention, SSM scan, loss, optimizer, …), with tokens/s and MFU.
 
-    PYTHONPATH=$PWD python3 scripts/profile_step.py --preset tiny [--compile] [--micro-batch 32] [--set k=v …]
+    PYTHONPATH=$PWD python3 scripts/profile_step.py --preset tiny [--compile [--compile-mode M]] [--micro-batch 32]
+        [--set k=v …]
 
 On CUDA it sums each kernel's GPU time; on a CPU, each operator's own CPU time (a rough guide only). Prints the
 table by kind and the heaviest kernels; writes everything as JSON to --json (default $OUT/profile_<preset>.json
@@ -21,7 +22,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
-from caracal_cli.config import load_preset
+from caracal_cli.config import COMPILE_MODES, load_preset
 from caracal_cli.device import resolve_device
 from caracal_cli.loss import LOSS_PROFILE_LABEL
 from caracal_cli.model import build_model, flops_per_token
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: the preset's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps")
     ap.add_argument("--device", default="auto")
@@ -72,7 +74,8 @@ def main() -> None:
     length = config.model.context
     model = build_model(config.model).to(device)
     optimizer = build_optimizer(model, config.train, device)
-    runner = torch.compile(model) if args.compile else model
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    runner = torch.compile(model, mode=mode) if args.compile else model
     ids = torch.randint(0, config.model.vocab_size, (batch, length + 1), device=device)
     dtype = torch.bfloat16 if cuda else torch.float32
 
@@ -124,7 +127,8 @@ def main() -> None:
     report = {
         "preset": args.preset, "overrides": args.overrides, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if cuda else None, "torch": torch.__version__,
-        "compiled": args.compile, "micro_batch": batch, "context": length, "tokens_per_step": tokens,
+        "compiled": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+        "micro_batch": batch, "context": length, "tokens_per_step": tokens,
         "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s, "train_flops_per_step": flops,
         "peak_flops": peak, "mfu": flops / step_s / peak if peak else None,
         "measured": "GPU kernel time" if cuda else "CPU operator self time",

@@ -62,6 +62,7 @@ def test_preset_from_a_yaml_path(tmp_path):
         (["train.lr=-1"], "train.lr must be > 0"),
         (["model.pattern=FFX"], "pattern letter 'X'"),
         (["model.pos_emb=alibi"], "model.pos_emb must be one of"),
+        (["train.compile_mode=fastest"], "train.compile_mode must be one of default, max-autotune-no-cudagraphs"),
         (["nonsense"], "must look like key.path=value"),
     ],
 )
