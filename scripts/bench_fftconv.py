@@ -37,6 +37,20 @@ SWEEP = {  # TritonStages tile settings tried at the --sweep lengths (the defaul
 }
 
 
+def other_splits(L: int) -> dict[str, dict]:
+    """Tile variants with each (P, T) factorisation of L's padded length other than SPLITS's."""
+    default = fftconv.split_for(L)
+    out = {}
+    for p in (16, 32, 64, 128):
+        try:
+            split = fftconv.split_for(L, p)
+        except ValueError:
+            continue
+        if split != default:
+            out[f"split {split[0]}x{split[1]}"] = dict(split_p=p)
+    return out
+
+
 def ms(fn) -> float:
     from triton.testing import do_bench
 
@@ -198,7 +212,7 @@ def main() -> None:
         except Exception as e:
             record(L, "triton stages", dict(error=repr(e)[:300]))
         if L in args.sweep and spare():
-            for cfg, tiles in SWEEP.items():
+            for cfg, tiles in {**SWEEP, **other_splits(L)}.items():
                 try:
                     record(L, f"triton {cfg}",
                            conv_case(lambda a, b, t=tiles: fftconv.causal_fft_conv_fast(a, b, **t), v, g, dy, exact))

@@ -2,6 +2,7 @@
 # The GPU acceptance runs of the issues, in three parts that each fit a 10-minute slot on one H100:
 #
 #   bash scripts/gpu_acceptance.sh tests    # GPU tests and the FFT-convolution bench
+#   bash scripts/gpu_acceptance.sh bench    # the bench's sweep of tile settings and (P, T) splits, every length
 #   bash scripts/gpu_acceptance.sh speed    # caracal speed, small size, every mode: llama, caracal (both FFT
 #                                           # paths), swh
 #   bash scripts/gpu_acceptance.sh speed-ssm  # the same for mamba, mamba2 and jamba (mamba_ssm's Triton kernels
@@ -15,7 +16,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|speed|speed-ssm|train|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -40,10 +41,17 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 case $part in
 tests)
     step gputests 360 python3 -m pytest -v -s -rs -p no:cacheprovider -m gpu tests
-    step bench 200 env OUT="$WORK" python3 scripts/bench_fftconv.py --budget-s 140 --sweep 1024 2048 16384 --mhf 2048 16384 --swa 2048
+    step bench 160 env OUT="$WORK" python3 scripts/bench_fftconv.py --budget-s 100 --mhf 2048 16384 --swa 2048
     collect "$WORK"/{gputests,bench,status}.log "$WORK/bench_fftconv.json"
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$WORK/gputests.log" | tail -n 30
     tail -n 30 "$WORK/bench.log"
+    ;;
+bench)
+    # Every tile variant and (P, T) split at each length, to choose SPLITS and the default tiles from.
+    step bench 560 env OUT="$WORK" python3 scripts/bench_fftconv.py --budget-s 480 \
+        --sweep 512 1024 2048 4096 8192 16384 --mhf 2048 16384 --swa
+    collect "$WORK"/{bench,status}.log "$WORK/bench_fftconv.json"
+    tail -n 40 "$WORK/bench.log"
     ;;
 speed|speed-ssm)
     # One run per model, each with its own limit; a run stopped at its limit keeps the models it finished.
@@ -92,7 +100,7 @@ ablate)
     cat "$WORK/ablate/ablation.md"
     ;;
 *)
-    echo "unknown part $part (tests, speed, speed-ssm, train, scale or ablate)" >&2
+    echo "unknown part $part (tests, bench, speed, speed-ssm, train, scale or ablate)" >&2
     exit 2
     ;;
 esac

@@ -37,6 +37,15 @@ def test_algorithm_equals_reference_in_float64(length):
     assert rel(monarch_causal_conv(v, g), causal_fft_conv_reference(v, g)) < 1e-13
 
 
+@pytest.mark.parametrize("length, split_p", [(300, 16), (300, 32), (1000, 16), (1000, 64), (5000, 128)])
+def test_every_split_of_the_padded_length_is_exact_in_float64(length, split_p):
+    """Benchmarks may pick another (P, T) than SPLITS's: every factorisation computes the same convolution."""
+    v, g = torch.randn(2, length, 3, dtype=torch.float64), torch.randn(2, length, 3, dtype=torch.float64)
+    assert rel(monarch_causal_conv(v, g, split_p), causal_fft_conv_reference(v, g)) < 1e-12
+    with pytest.raises(ValueError, match="no split P=8"):
+        split_for(length, 8)
+
+
 def test_algorithm_in_float32_and_its_dtype():
     v, g = torch.randn(2, 700, 6), torch.randn(2, 700, 6) + 1.0  # a mean: large low-frequency bins
     y = monarch_causal_conv(v, g)
@@ -121,12 +130,13 @@ def test_fast_impl_fails_loudly_on_cpu():
 
 # --- the Triton kernels -----------------------------------------------------------------------------------------
 
-def _check_kernels(device, length, channels, dtype, batch=2, tol=None):
+def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0):
     """Forward and both gradients of the Triton path against float64 autograd of the reference."""
     v = torch.randn(batch, length, channels, device=device).to(dtype).requires_grad_()
     g = (0.5 * torch.randn(batch, length, channels, device=device) + 0.5).to(dtype).requires_grad_()
     dy = torch.randn(batch, length, channels, device=device).to(dtype)
-    y = fftconv.causal_fft_conv_fast(v, g, **({} if device == "cuda" else dict(block_c=16, block_c2=16)))
+    tiles = {} if device == "cuda" else dict(block_c=16, block_c2=16)
+    y = fftconv.causal_fft_conv_fast(v, g, split_p=split_p, **tiles)
     dv, dg = torch.autograd.grad(y, (v, g), dy)
     v64, g64 = v.detach().double().requires_grad_(), g.detach().double().requires_grad_()
     y64 = causal_fft_conv_reference(v64, g64)
@@ -148,14 +158,15 @@ def _check_kernels(device, length, channels, dtype, batch=2, tol=None):
 
 @pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="runs the Triton kernels on the CPU only with triton installed and TRITON_INTERPRET=1")
-@pytest.mark.parametrize("length, channels, dtype, tol", [
-    (256, 16, torch.float32, 1e-5),  # the kernels' float32 mode: their arithmetic, free of fp16 rounding
-    (300, 24, torch.bfloat16, 2e-2),  # the interpreter rounds float32 → bf16 toward zero (the GPU: to nearest)
-    (7, 16, torch.float16, 2e-2),
-    (1024, 16, torch.bfloat16, 2e-2),  # long enough for the weighted check to see how spectra are stored
+@pytest.mark.parametrize("length, channels, dtype, tol, split_p", [
+    (256, 16, torch.float32, 1e-5, 0),  # the kernels' float32 mode: their arithmetic, free of fp16 rounding
+    (300, 24, torch.bfloat16, 2e-2, 0),  # the interpreter rounds float32 → bf16 toward zero (the GPU: to nearest)
+    (7, 16, torch.float16, 2e-2, 0),
+    (1024, 16, torch.bfloat16, 2e-2, 0),  # long enough for the weighted check to see how spectra are stored
+    (300, 16, torch.float16, 2e-2, 16),  # P < T, as benchmarks may try
 ])
-def test_kernels_in_triton_interpreter(length, channels, dtype, tol):
-    _check_kernels("cpu", length, channels, dtype, tol=tol)
+def test_kernels_in_triton_interpreter(length, channels, dtype, tol, split_p):
+    _check_kernels("cpu", length, channels, dtype, tol=tol, split_p=split_p)
 
 
 @pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),

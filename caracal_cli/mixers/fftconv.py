@@ -84,12 +84,18 @@ def path_label(device: torch.device, impl: str = "auto") -> str:
     return "torch.fft (float32)"
 
 
-def split_for(length: int) -> tuple[int, int]:
-    """(P, T) for a sequence of `length`: padded to the next power of two, at least MIN_PADDED_LEN."""
+def split_for(length: int, p: int = 0) -> tuple[int, int]:
+    """(P, T) for a sequence of `length`: padded to the next power of two, at least MIN_PADDED_LEN; SPLITS's
+    choice, or P = p where p > 0 (benchmarks try other splits: both factors powers of two in 16…128)."""
     padded = max(MIN_PADDED_LEN, 1 << max(0, length - 1).bit_length())
     if padded not in SPLITS:
         raise ValueError(f"no fast FFT split for L={length} (padded {padded}); at most {MAX_LEN}")
-    return SPLITS[padded]
+    if not p:
+        return SPLITS[padded]
+    T = padded // p
+    if p * T != padded or not all(16 <= f <= 128 and f & (f - 1) == 0 for f in (p, T)):
+        raise ValueError(f"no split P={p} for L={length} (padded {padded}): P and T must be powers of two in 16…128")
+    return p, T
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,9 +117,9 @@ class TorchStages:
 
     batch_dim = 0
 
-    def __init__(self, length: int, device, real_dtype: torch.dtype):
+    def __init__(self, length: int, device, real_dtype: torch.dtype, split_p: int = 0):
         self.L = length
-        self.P, self.T = split_for(length)
+        self.P, self.T = split_for(length, split_p)
         cdtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
         self.A, self.tw, self.F = dft_tables(self.P, self.T, str(device), cdtype)
 
@@ -169,10 +175,10 @@ class _MonarchConv(torch.autograd.Function):
         return dv, dg, None
 
 
-def monarch_causal_conv(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def monarch_causal_conv(v: torch.Tensor, g: torch.Tensor, split_p: int = 0) -> torch.Tensor:
     """The fast path's algorithm in plain PyTorch, with its custom backward (tests; any device, float64 exact)."""
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    return _MonarchConv.apply(v, g, TorchStages(v.shape[1], v.device, work))
+    return _MonarchConv.apply(v, g, TorchStages(v.shape[1], v.device, work, split_p))
 
 
 def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Tensor:
@@ -188,13 +194,14 @@ def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Ten
 
 
 def _tile_args(block_c: int = 64, block_c2: int = 32, rows_per_prog: int = 4, warps: tuple[int, int, int] | None = None,
-               stages: int = 3) -> tuple:
-    return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages
+               stages: int = 3, split_p: int = 0) -> tuple:
+    return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages, split_p
 
 
 def _stages(x: torch.Tensor, block_c: int, block_c2: int, rows: int, warps: list[int] | None,
-            stages: int) -> TritonStages:
-    return TritonStages(x.shape[1], x.device, x.dtype, block_c, block_c2, rows, tuple(warps) if warps else None, stages)
+            stages: int, split_p: int) -> TritonStages:
+    return TritonStages(x.shape[1], x.device, x.dtype, block_c, block_c2, rows, tuple(warps) if warps else None, stages,
+                        split_p)
 
 
 def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +214,8 @@ def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tup
 # so that the backward reuses them.
 @torch.library.custom_op("caracal::monarch_conv", mutates_args=())
 def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
-                 warps: list[int] | None, stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages)
+                 warps: list[int] | None, stages: int, split_p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages, split_p)
     B = v.shape[0]
     z, s = st.analysis([v, g], flip=False)
     w = st.spectral(_part((z, s), 0, B), _part((z, s), B, B))
@@ -216,8 +223,8 @@ def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, 
 
 
 @monarch_conv.register_fake
-def _(v, g, block_c, block_c2, rows_per_prog, warps, stages):
-    P, T = split_for(int(v.shape[1]))  # int(): under dynamic shapes the graph specialises on L
+def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p):
+    P, T = split_for(int(v.shape[1]), split_p)  # int(): under dynamic shapes the graph specialises on L
     zdtype = torch.float32 if v.dtype == torch.float32 else torch.float16
     # contiguous, as the kernels write them (empty_like would copy v's strides)
     return (v.new_empty(v.shape), v.new_empty((2, 2 * v.shape[0], P, T, v.shape[2]), dtype=zdtype),
@@ -226,17 +233,17 @@ def _(v, g, block_c, block_c2, rows_per_prog, warps, stages):
 
 @torch.library.custom_op("caracal::monarch_conv_backward", mutates_args=())
 def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, s: torch.Tensor, block_c: int, block_c2: int,
-                          rows_per_prog: int, warps: list[int] | None, stages: int) -> torch.Tensor:
+                          rows_per_prog: int, warps: list[int] | None, stages: int, split_p: int) -> torch.Tensor:
     """[dv; dg] stacked on the batch axis: dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v), from one
     transform of dy and the forward's spectra of v and g."""
-    st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages)
+    st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages, split_p)
     B = dy.shape[0]
     w = st.spectral(st.analysis([dy], flip=True), _part((z, s), B, B), _part((z, s), 0, B))
     return st.synthesis(w, flip=True, dtype=dy.dtype)
 
 
 @monarch_conv_backward.register_fake
-def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages):
+def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages, split_p):
     return dy.new_empty((2 * dy.shape[0], *dy.shape[1:]))
 
 
@@ -249,7 +256,7 @@ def _monarch_conv_grad(ctx, dy, _dz, _ds):
     z, s = ctx.saved_tensors
     both = monarch_conv_backward(dy.contiguous(), z, s, *ctx.tiles)
     B = dy.shape[0]
-    return both[:B], both[B:], None, None, None, None, None
+    return both[:B], both[B:], None, None, None, None, None, None
 
 
 monarch_conv.register_autograd(_monarch_conv_grad, setup_context=_monarch_conv_setup)
@@ -274,9 +281,10 @@ class TritonStages:
     batch_dim = 1
 
     def __init__(self, length: int, device, dtype: torch.dtype, block_c: int = 64, block_c2: int = 32,
-                 rows_per_prog: int = 4, warps: tuple[int, int, int] | None = None, stages: int = 3):
+                 rows_per_prog: int = 4, warps: tuple[int, int, int] | None = None, stages: int = 3,
+                 split_p: int = 0):
         self.L = length
-        self.P, self.T = split_for(length)
+        self.P, self.T = split_for(length, split_p)
         self.fp32 = dtype == torch.float32
         self.zdtype = torch.float32 if self.fp32 else torch.float16
         self.A, self.F, self.tw = _kernel_tables(self.P, self.T, str(torch.device(device)), self.fp32)
