@@ -425,11 +425,26 @@ def speed(
     isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Measure each model in its own "
                                            "process, so a leak or a failed CUDA context stays with the model that "
                                            "caused it (default: on for CUDA)."),
+    merge: list[Path] = typer.Option([], "--merge", help="Measure nothing: combine the speed.json of earlier "
+                                     "model sweeps on one GPU (repeat the option) into one report, table and plot; "
+                                     "a later file's point replaces an earlier one."),
 ):
     """Throughput and memory against sequence length, for every model family."""
     from caracal_cli.fileio import write_json
-    from caracal_cli.speed import (default_out_dir, parse_settings, run_speed, speed_ratios, speed_tables,
-                                   write_report)
+    from caracal_cli.speed import (default_out_dir, merge_reports, parse_settings, read_report, run_speed,
+                                   speed_ratios, speed_tables, write_report)
+
+    if merge:
+        measuring = [name for name, given in (("--models", models), ("--lengths", lengths), ("--mixers", mixers),
+                                              ("--set", overrides), ("--mode", mode != "train")) if given]
+        if measuring:
+            raise UserError(f"--merge measures nothing; drop {', '.join(measuring)}")
+        report = merge_reports([(str(path), read_report(path)) for path in merge])
+        paths = write_report(report, out or default_out_dir())
+        for table in speed_tables(report):
+            console.print(table)
+        console.print(f"merged {len(merge)} runs; wrote {paths['json']} and {paths['png']}", highlight=False)
+        return
 
     settings = parse_settings(models, size, lengths, tokens_per_step, mode, dtype, compile, repeats, warmup,
                               device, decode_tokens, mixers, overrides, isolate)

@@ -554,6 +554,62 @@ def speed_ratios(results: list[dict], numerator: str = "caracal", denominator: s
             if model == numerator and (denominator, mode, length) in ok]
 
 
+# What must agree between runs for their points to share one table: the machine and what each point measures.
+MERGE_KEYS = (("environment", "device_name"), ("environment", "torch"), ("settings", "size"),
+              ("settings", "dtype"), ("settings", "tokens_per_step"), ("settings", "compile"),
+              ("settings", "overrides"), ("settings", "decode_tokens"))
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A speed.json, or a SpeedError naming what is wrong with it."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpeedError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpeedError(f"cannot read {path} as JSON: {err}") from None
+    if not isinstance(report, dict):
+        raise SpeedError(f"{path} holds no speed report (a JSON {type(report).__name__})")
+    return report
+
+
+def merge_reports(named: list[tuple[str, dict]]) -> dict[str, Any]:
+    """One model sweep from the speed.json of several runs (models measured in separate jobs, or a sweep
+    finished in parts): a later run's point replaces an earlier one at the same model, mode and length. Runs
+    on different GPUs or with settings that change what a point measures are refused, naming the difference."""
+    if not named:
+        raise SpeedError("--merge needs at least one speed.json")
+    for path, report in named:
+        if report.get("schema") != SCHEMA or report.get("kind") != "models":
+            raise SpeedError(f"{path} is not a model sweep written by caracal speed "
+                             f"(schema {report.get('schema')!r}, kind {report.get('kind')!r})")
+    first_path, first = named[0]
+    for path, report in named[1:]:
+        for section, key in MERGE_KEYS:
+            mine, theirs = first[section].get(key), report[section].get(key)
+            if mine != theirs:
+                raise SpeedError(f"cannot merge {path} with {first_path}: {section}.{key} is {theirs!r} there "
+                                 f"and {mine!r} here")
+    points: dict[tuple, dict] = {}
+    models: dict[str, dict] = {}
+    for _, report in named:
+        models.update(report["models"])
+        for entry in report["results"]:
+            points[(entry["model"], entry["mode"], entry["length"])] = entry
+    order = list(models)
+    modes = [m for m in ("train", "prefill", "decode") if any(k[1] == m for k in points)]
+    results = sorted(points.values(), key=lambda e: (order.index(e["model"]), modes.index(e["mode"]), e["length"]))
+    settings = {**first["settings"], "models": order, "modes": modes,
+                "lengths": sorted({e["length"] for e in results})}
+    lost = [r["device_lost"] for _, r in named if r.get("device_lost")]
+    return {"schema": SCHEMA, "kind": "models",
+            "command": "caracal speed --merge " + " ".join(path for path, _ in named),
+            "settings": settings, "environment": first["environment"], "models": models, "results": results,
+            "ratios": speed_ratios(results), "device_lost": "; ".join(lost) or None,
+            "merged_from": [{"path": path, "command": r["command"], "partial": bool(r.get("partial"))}
+                            for path, r in named]}
+
+
 # --- mixers alone -------------------------------------------------------------------------------------------
 def copy_bandwidth(device: torch.device, repeats: int = 10) -> dict[str, Any]:
     """Device memory bandwidth from a large tensor copy (read + write counted), in GB/s."""

@@ -233,3 +233,51 @@ def test_a_sweep_stopped_midway_keeps_the_models_it_finished(tmp_path, monkeypat
     assert report["partial"] is True
     assert [(e["model"], e["status"]) for e in report["results"]] == [("caracal", "ok"), ("llama", "ok")]
     assert [r["length"] for r in report["ratios"]] == [64]
+
+
+def _sweep(out, models: str, lengths: str = "64", mode: str = "prefill") -> dict:
+    args = ["speed", "--size", "demo", "--lengths", lengths, "--tokens-per-step", "128", "--repeats", "1",
+            "--warmup", "0", "--models", models, "--mode", mode, "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "speed.json").read_text())
+
+
+def test_merge_combines_separate_runs_into_one_report(tmp_path):
+    """Models measured in separate jobs (or a sweep finished in parts) make one report, table and plot; a later
+    file's point replaces an earlier one, and the ratios are those of the merged points."""
+    llama = _sweep(tmp_path / "a", "llama", "64,128")
+    _sweep(tmp_path / "b", "caracal", "64")
+    _sweep(tmp_path / "c", "caracal", "128")
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["speed", "--merge", str(tmp_path / "a" / "speed.json"),
+                                 "--merge", str(tmp_path / "b" / "speed.json"),
+                                 "--merge", str(tmp_path / "c" / "speed.json"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged 3 runs" in result.output and "prefill —" in result.output
+    report = json.loads((out / "speed.json").read_text())
+    assert [(e["model"], e["length"]) for e in report["results"]] == [("llama", 64), ("llama", 128),
+                                                                       ("caracal", 64), ("caracal", 128)]
+    assert report["results"][:2] == llama["results"]  # points are copied, not re-measured
+    assert report["settings"]["models"] == ["llama", "caracal"] and report["settings"]["lengths"] == [64, 128]
+    assert {r["length"] for r in report["ratios"]} == {64, 128}
+    assert [m["path"] for m in report["merged_from"]] == [str(tmp_path / d / "speed.json") for d in "abc"]
+    assert (out / "speed.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_merge_refuses_runs_that_measured_different_things(tmp_path):
+    first = _sweep(tmp_path / "a", "llama")
+    other = json.loads(json.dumps(first))
+    other["settings"]["tokens_per_step"] = 4096
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "bad.json").write_text("{not json")
+    for files, message in ((["other.json"], "settings.tokens_per_step is 4096 there and 128 here"),
+                           (["bad.json"], "cannot read"), (["missing.json"], "no such file")):
+        args = ["speed", "--merge", str(tmp_path / "a" / "speed.json")]
+        for name in files:
+            args += ["--merge", str(tmp_path / name)]
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "merged")])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "merged").exists()
+    result = runner.invoke(app, ["speed", "--merge", str(tmp_path / "a" / "speed.json"), "--models", "caracal"])
+    assert result.exit_code == 1 and "--merge measures nothing; drop --models" in result.output
