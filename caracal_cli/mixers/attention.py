@@ -152,6 +152,19 @@ class Attention(nn.Module):
         start, T, size = cache["pos"], q.shape[2], cache["k"].shape[2]
         if self.window is None and start + T > size:
             raise ValueError(f"attention cache holds {size} positions; asked for {start + T}")
+        if start + T <= size or (T == 1 and size == self.window):
+            # The fast cases, in place and without copying the cache (decoding is bound by its op count):
+            # nothing has left the cache yet, so it is in time order and every held key is within the window; or
+            # one new token in a full ring of `window` slots, which then holds exactly the keys it may see, in
+            # an order that attention does not depend on (RoPE is applied before caching).
+            slots = slice(start, start + T) if start + T <= size else slice(start % size, start % size + 1)
+            cache["k"][:, :, slots] = k
+            cache["v"][:, :, slots] = v
+            cache["pos"] = start + T
+            seen = min(start + T, size)
+            mask = None if T == 1 else band_mask(T, seen, self.window, q.device)
+            return F.scaled_dot_product_attention(q, cache["k"][:, :, :seen], cache["v"][:, :, :seen],
+                                                  attn_mask=mask)
         # Keys visible to this chunk: what the cache holds (in time order) followed by the new ones.
         held = min(start, size)
         order = torch.arange(start - held, start, device=q.device) % size

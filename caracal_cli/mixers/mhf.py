@@ -115,6 +115,10 @@ class MHF(nn.Module):
     def path(self, device: torch.device) -> str:
         return fftconv.path_label(device, self.cfg.fft_impl)
 
+    def _divisor(self, count: int) -> float:
+        """scale_factors' value for one position with `count` terms."""
+        return float(count) ** 0.5 if self.cfg.scale == "sqrt" else float(count)
+
     def scale_factors(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
         """Per-position divisor of the causal sum at positions start..start+length−1, as [length, 1]."""
         if self.cfg.scale == "none":
@@ -159,6 +163,9 @@ class MHF(nn.Module):
         cache["pos"] = start + T
         if T > 1 and start == 0:  # prefill: the parallel path
             y = causal_fft_conv(v, g, self.cfg.fft_impl)
+        elif T == 1:  # one token: y_t = Σ_{j≤t} v_j ⊙ g_{t−j} in one product (decoding is bound by its op count)
+            y = (cache["v"][:, :start + 1] * cache["g"][:, :start + 1].flip(1)).sum(1, keepdim=True)
+            return self.out(y if self.cfg.scale == "none" else y / self._divisor(start + 1))
         else:
             past_v = cache["v"][:, :start + T]
             past_g = cache["g"][:, :start + T]
