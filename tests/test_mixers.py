@@ -57,13 +57,14 @@ def test_bf16_autocast_shapes_and_dtypes(raw):
 
 
 @pytest.mark.parametrize("raw", RAWS, ids=IDS)
-@pytest.mark.parametrize("prefill", [1, 6])
-def test_cached_decoding_equals_full_forward(raw, prefill):
+@pytest.mark.parametrize("prefill, chunk", [(1, 1), (6, 1), (2, 3)])
+def test_cached_decoding_equals_full_forward(raw, prefill, chunk):
+    """Prefill, then one token (or a chunk of 3: before and after a 5-key window's ring wraps) at a time."""
     mixer = make(raw, pos_emb="rope")
     x = torch.randn(2, 14, 32, dtype=torch.float64)
     full = mixer(x)
     cache = mixer.init_cache(2, 14, dtype=torch.float64)
-    steps = [mixer(x[:, :prefill], cache)] + [mixer(x[:, t:t + 1], cache) for t in range(prefill, 14)]
+    steps = [mixer(x[:, :prefill], cache)] + [mixer(x[:, t:t + chunk], cache) for t in range(prefill, 14, chunk)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 
