@@ -406,7 +406,9 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     elif ranks.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # No buffer needs syncing (RoPE's tables are computed alike on every rank): skip the per-step broadcast.
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                              broadcast_buffers=False)
     else:
         train_model = model
     optimizer = build_optimizer(model, tc, dev)
