@@ -23,9 +23,10 @@ Precision (bf16/fp16 inputs): spectra are stored in fp16, each row divided by it
 per row: per (n1, channel) after analysis, per (k2, channel) after the spectral stage), so nothing overflows;
 every tensor-core operand is fp16 with one scale per channel; products accumulate in fp32. A float64
 emulation of these roundings gives a relative error of ≈1.8e-3 against float64, about the bf16 output's own
-rounding. The error is spread evenly over positions, so its share of y_t falls as 1/√t: MHF's mean scale
-(y_t / (t+1)) sees ≈1e-2 at t = 0 for L = 1024 and ≈5e-2 at L = 16384, below 1e-2 from t ≈ 30 on. bf16
-spectra (range-safe without scales) were 5x worse there: 2.6e-1 at t = 0 for L = 16384.
+rounding. That error is spread evenly over positions, so its share of y_t falls as 1/√t; the forward's first
+EXACT_HEAD outputs are therefore summed directly (a small kernel), which keeps every position under 1e-2 (at
+L = 16384: ≈8e-3 at t = 32, 5e-3 at t = 100). MHF's mean scale (y_t / (t+1)) weights the first positions
+most: its relative error is 3.4e-3 at L = 16384 (bf16 spectra without the direct head: 1e-1).
 float32 and float64 inputs run the exact torch.fft reference: the kernels' float32 mode (float32 spectra,
 3×tf32 products, ≈3e-7) is kept for testing the kernels' arithmetic, but its tiles need more shared memory
 than an H100 has at P = 128.
@@ -48,6 +49,9 @@ import torch
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 MIN_PADDED_LEN = 256  # P = T = 16: tl.dot needs every dimension ≥ 16
 MAX_LEN = 16384  # P = T = 128: the [P, P] and [T, T] DFT matrices fit on chip; longer runs torch.fft
+# The forward's first outputs, sums of few terms, are recomputed directly: the transforms' rounding error is
+# spread evenly over positions, so it weighs most where y_t is smallest.
+EXACT_HEAD = 32
 
 # (P, T) for each padded length: the analysis/synthesis level costs ~4P FLOPs per element and each
 # spectral transform ~8T, so P ≥ T.
@@ -219,7 +223,9 @@ def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, 
     B = v.shape[0]
     z, s = st.analysis([v, g], flip=False)
     w = st.spectral(_part((z, s), 0, B), _part((z, s), B, B))
-    return st.synthesis(w, flip=False, dtype=v.dtype), z, s
+    y = st.synthesis(w, flip=False, dtype=v.dtype)
+    st.exact_head(v, g, y)
+    return y, z, s
 
 
 @monarch_conv.register_fake
@@ -330,6 +336,14 @@ class TritonStages:
                                P=self.P, T=self.T, BLOCK_C=self.block_c2, ROWS=rows, TWO=two, FP32=self.fp32,
                                num_warps=self.warps[1], num_stages=self.stages)
         return out, scale
+
+    def exact_head(self, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> None:
+        """Overwrite y's first EXACT_HEAD positions with the direct sums Σ_{j≤t} v_j g_{t−j} (float32)."""
+        B, L, D = v.shape
+        block = 32
+        _exact_head_kernel[(triton.cdiv(D, block), B)](v, g, y, min(L, EXACT_HEAD), D, v.stride(0), v.stride(1),
+                                                       g.stride(0), g.stride(1), y.stride(0), y.stride(1),
+                                                       K=EXACT_HEAD, BLOCK_C=block, num_warps=4)
 
     def synthesis(self, spectra: tuple, flip: bool, dtype: torch.dtype) -> torch.Tensor:
         w, scale = spectra
@@ -490,6 +504,23 @@ if TRITON_AVAILABLE:
                 yr, yi = _dft_cols(fr, fi, ar * br - ai * bi, ar * bi + ai * br, FP32, True)
                 _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
                                 cmask)
+
+    @triton.jit
+    def _exact_head_kernel(v_ptr, g_ptr, y_ptr, n, D, v_sb, v_st, g_sb, g_st, y_sb, y_st, K: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        """y[b, t, c] = Σ_{j≤t} v[b, j, c] g[b, t−j, c] for t < n = min(K, L), summed in float32."""
+        b = tl.program_id(1).to(tl.int64)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        j = tl.arange(0, K)
+        cmask = (c < D)[None, :]
+        v = tl.load(v_ptr + b * v_sb + j[:, None] * v_st + c[None, :], mask=(j < n)[:, None] & cmask,
+                    other=0.0).to(tl.float32)
+        for t in range(0, n):
+            lag = t - j  # g's row for each j; j > t contributes nothing
+            g = tl.load(g_ptr + b * g_sb + lag[:, None] * g_st + c[None, :], mask=(lag >= 0)[:, None] & cmask,
+                        other=0.0).to(tl.float32)
+            y = tl.sum(v * g, axis=0)
+            tl.store(y_ptr + b * y_sb + t * y_st + c, y.to(y_ptr.dtype.element_ty), mask=c < D)
 
     @triton.jit
     def _synthesis_kernel(w_ptr, s_ptr, y_ptr, a_ptr, L, D, plane, scale,
