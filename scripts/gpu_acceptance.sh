@@ -8,6 +8,7 @@
 #   bash scripts/gpu_acceptance.sh speed-ssm  # the same for mamba, mamba2 and jamba (mamba_ssm's Triton kernels
 #                                           # autotune at every new shape: Mamba-2 takes ~4 minutes)
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
+#   bash scripts/gpu_acceptance.sh mfu      # profiles of llama-tiny and tiny at micro-batch 32/64, compile modes
 #   bash scripts/gpu_acceptance.sh scale    # tiny with MHF's scale=mean and =sqrt; memory per preset at 24 GB
 #   bash scripts/gpu_acceptance.sh ablate   # the MHF:SWA ratio study at the tiny size
 #
@@ -16,7 +17,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|mfu|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -81,6 +82,18 @@ train)
     collect /tmp/compare/summary.json "$WORK"/{train_compare,status}.log "$WORK"/metrics_*.jsonl "$WORK"/profile_*.json
     tail -n 4 "$WORK/train_compare.log"; tail -n 32 "$WORK/profile_llama-tiny.log" "$WORK/profile_tiny.log"
     ;;
+mfu)
+    # Where llama-tiny's MFU can come from: micro-batch 32 and 64, torch.compile's default and autotuned modes;
+    # and tiny (Caracal) at both micro-batches. One line each at the end.
+    for run in "llama-tiny 32 default 90" "llama-tiny 64 default 100" "llama-tiny 64 max-autotune-no-cudagraphs 180" \
+               "tiny 32 default 100" "tiny 64 default 100"; do
+        set -- $run
+        step "profile_$1_mb$2_$3" "$4" python3 scripts/profile_step.py --preset "$1" --micro-batch "$2" --compile \
+            --compile-mode "$3" --json "$WORK/profile_$1_mb$2_$3.json"
+    done
+    collect "$WORK"/profile_*_mb*.json "$WORK/status.log"
+    grep -h " on NVIDIA" "$WORK"/profile_*_mb*.log
+    ;;
 scale)
     for scale in mean sqrt; do
         step "train_scale_$scale" 280 env TOKENS=${TOKENS:-26214400} RUNS=/tmp/scale-$scale SKIP_LLAMA=1 \
@@ -100,7 +113,7 @@ ablate)
     cat "$WORK/ablate/ablation.md"
     ;;
 *)
-    echo "unknown part $part (tests, bench, speed, speed-ssm, train, scale or ablate)" >&2
+    echo "unknown part $part (tests, bench, speed, speed-ssm, train, mfu, scale or ablate)" >&2
     exit 2
     ;;
 esac

@@ -140,7 +140,9 @@ def main() -> None:
         "graph_breaks": sum(counters["graph_break"].values()) if args.compile else None,
         "recompiles": counters["stats"].get("unique_graphs", 0) if args.compile else None,
     }
-    print(f"{args.preset} on {report['gpu'] or device}: {batch} x {length} tokens, step {report['step_ms']:.1f} ms, "
+    compiled = f", compiled ({args.compile_mode})" if args.compile else ", eager"
+    print(f"{args.preset} on {report['gpu'] or device}: {batch} x {length} tokens{compiled}, "
+          f"step {report['step_ms']:.1f} ms, "
           f"{report['tokens_per_s']:,.0f} tokens/s"
           + (f", MFU {100 * report['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
     print(f"\n{report['measured']} per step, by kind ({counted:.1f} ms counted):")
