@@ -583,6 +583,11 @@ def merge_reports(named: list[tuple[str, dict]]) -> dict[str, Any]:
         if report.get("schema") != SCHEMA or report.get("kind") != "models":
             raise SpeedError(f"{path} is not a model sweep written by caracal speed "
                              f"(schema {report.get('schema')!r}, kind {report.get('kind')!r})")
+        shapes = {"settings": dict, "environment": dict, "models": dict, "results": list}
+        broken = [key for key, kind in shapes.items() if not isinstance(report.get(key), kind)]
+        if broken or not all(isinstance(e, dict) and {"model", "mode", "length", "status"} <= set(e)
+                             for e in report["results"]):
+            raise SpeedError(f"{path} is a damaged speed report ({', '.join(broken) or 'results'} malformed)")
     first_path, first = named[0]
     for path, report in named[1:]:
         for section, key in MERGE_KEYS:

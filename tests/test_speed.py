@@ -271,7 +271,9 @@ def test_merge_refuses_runs_that_measured_different_things(tmp_path):
     other["settings"]["tokens_per_step"] = 4096
     (tmp_path / "other.json").write_text(json.dumps(other))
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "damaged.json").write_text(json.dumps({**first, "results": [{"model": "llama"}]}))
     for files, message in ((["other.json"], "settings.tokens_per_step is 4096 there and 128 here"),
+                           (["damaged.json"], "damaged speed report (results malformed)"),
                            (["bad.json"], "cannot read"), (["missing.json"], "no such file")):
         args = ["speed", "--merge", str(tmp_path / "a" / "speed.json")]
         for name in files:
