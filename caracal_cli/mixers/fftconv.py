@@ -3,7 +3,8 @@
 The transform is a two-level ("four-step") FFT (Bailey, "FFTs in external or hierarchical memory", 1990)
 whose two levels are small dense DFT matrices applied as matrix products on the tensor cores, the idea of
 Monarch / FlashFFTConv (Fu et al., arXiv 2311.05908), written here for two data-dependent streams in three
-Triton kernels. With the sequence padded to Lp = P·T and position t = n1 + T·n2 (n1 < T, n2 < P):
+Triton kernels (and a small fourth that sums the forward's first outputs directly). With the sequence padded
+to Lp = P·T and position t = n1 + T·n2 (n1 < T, n2 < P):
 
     analysis   Z[k2, n1] = tw[k2, n1] · Σ_{n2} A[k2, n2] x[n1 + T·n2]        A: [P, P], one per column (n1, c)
     spectral   W = conj(tw) ⊙ F^H ((F Z_v) ⊙ (F Z_g))                        F: [T, T] along n1, per (k2, c)
@@ -282,7 +283,8 @@ def _kernel_tables(P: int, T: int, device: str, fp32: bool) -> tuple[torch.Tenso
 
 
 class TritonStages:
-    """The three stages as Triton kernels; tile settings are keyword arguments (see scripts/bench_fftconv.py)."""
+    """The three stages (and the direct head) as Triton kernels; tile settings are keyword arguments (see
+    scripts/bench_fftconv.py)."""
 
     batch_dim = 1
 
