@@ -263,7 +263,6 @@ def shared(fn, sig, const, warps):
                             options=dict(num_warps=warps, num_stages=3))
     return kernel.metadata.shared
 
-st = fc.TritonStages.__new__(fc.TritonStages)
 P = T = 128
 flags = dict(P=P, T=T, ROWS=4, FP32=False)
 ptr = lambda names, kind: {n: kind for n in names.split()}  # noqa: E731
