@@ -25,7 +25,8 @@ from caracal_cli.mixers import build_mixer, fftconv
 from caracal_cli.mixers.mhf import causal_fft_conv_reference
 
 D, HEADS, TOKENS = 1024, 16, 65536
-SWEEP = {  # TritonStages tile settings tried at the --sweep lengths (the default is c64/32 r4 s3)
+SWEEP = {  # tile settings tried at the --sweep lengths, each over fftconv.DEFAULT_TILES (c64/32 r4 s3); "triton
+    # fast" runs the length's tuned tiles (fftconv.TUNED_TILES)
     "c64/16 r4": dict(block_c2=16),
     "c32/32 r4": dict(block_c=32),
     "c64/32 r1": dict(rows_per_prog=1),
@@ -47,7 +48,7 @@ def other_splits(L: int) -> dict[str, dict]:
         except ValueError:
             continue
         if split != default:
-            out[f"split {split[0]}x{split[1]}"] = dict(split_p=p)
+            out[f"split {split[0]}x{split[1]}"] = dict(fftconv.DEFAULT_TILES, split_p=p)
     return out
 
 
@@ -212,7 +213,8 @@ def main() -> None:
         except Exception as e:
             record(L, "triton stages", dict(error=repr(e)[:300]))
         if L in args.sweep and spare():
-            for cfg, tiles in {**SWEEP, **other_splits(L)}.items():
+            variants = {name: {**fftconv.DEFAULT_TILES, **tiles} for name, tiles in SWEEP.items()}
+            for cfg, tiles in {**variants, **other_splits(L)}.items():
                 try:
                     record(L, f"triton {cfg}",
                            conv_case(lambda a, b, t=tiles: fftconv.causal_fft_conv_fast(a, b, **t), v, g, dy, exact))

@@ -26,6 +26,14 @@ def test_split_pads_to_a_supported_power_of_two(length):
     assert padded == max(256, 1 << (length - 1).bit_length()) and P >= T >= 16
 
 
+def test_kernels_take_each_lengths_tuned_tiles_unless_told_otherwise():
+    default = fftconv.TritonStages(500, "cpu", torch.bfloat16)
+    assert (default.block_c, default.block_c2, default.rows, default.stages) == (64, 32, 4, 3)
+    assert fftconv.TritonStages(1500, "cpu", torch.bfloat16).block_c2 == 64  # TUNED_TILES[2048]
+    assert fftconv.TritonStages(1500, "cpu", torch.bfloat16, block_c2=16).block_c2 == 16
+    assert fftconv.TritonStages(16384, "cpu", torch.bfloat16).block_c == 32
+
+
 def test_longer_than_the_largest_split_is_refused():
     with pytest.raises(ValueError):
         split_for(fftconv.MAX_LEN + 1)
@@ -37,7 +45,7 @@ def test_algorithm_equals_reference_in_float64(length):
     assert rel(monarch_causal_conv(v, g), causal_fft_conv_reference(v, g)) < 1e-13
 
 
-@pytest.mark.parametrize("length, split_p", [(300, 16), (300, 32), (1000, 16), (1000, 64), (5000, 128)])
+@pytest.mark.parametrize("length, split_p", [(300, 16), (300, 32), (1000, 16), (1000, 32), (5000, 128)])
 def test_every_split_of_the_padded_length_is_exact_in_float64(length, split_p):
     """Benchmarks may pick another (P, T) than SPLITS's: every factorisation computes the same convolution."""
     v, g = torch.randn(2, length, 3, dtype=torch.float64), torch.randn(2, length, 3, dtype=torch.float64)
@@ -215,7 +223,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("length", [1, 300, 5000, 16384])
+@pytest.mark.parametrize("length", [1, 300, 1000, 1500, 5000, 16384])
 def test_fast_path_on_gpu(length, dtype):
     _check_kernels("cuda", length, 96 if length < 16384 else 64, dtype, batch=2 if length < 16384 else 1)
 
@@ -248,46 +256,51 @@ def test_triton_path_takes_a_filter_shared_across_the_batch():
 
 
 _SM90_BUILD = """
-import json, triton
+import json, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from caracal_cli.mixers import fftconv as fc
 
-def shared(fn, sig, const, warps):
+def shared(fn, sig, const, warps, stages):
     names = list(fn.arg_names)
     # what the launcher assumes at the model's shapes: 16-byte-aligned pointers and every integer a multiple
     # of 16 (d = 1024, L a power of two); that enables async copies, which take the most shared memory
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t[0] in "*i"}
     sig = {**sig, **{k: "constexpr" for k in const}}
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
-                            options=dict(num_warps=warps, num_stages=3))
+                            options=dict(num_warps=warps, num_stages=stages))
     return kernel.metadata.shared
 
-P = T = 128
-flags = dict(P=P, T=T, ROWS=4, FP32=False)
 ptr = lambda names, kind: {n: kind for n in names.split()}  # noqa: E731
-out = {
-    "analysis": shared(fc._analysis_kernel, {**ptr("x_ptr", "*bf16"), **ptr("z_ptr a_ptr", "*fp16"),
-                       **ptr("s_ptr tw_ptr", "*fp32"), **ptr("L D stride_b stride_t plane", "i32")},
-                       dict(flags, BLOCK_C=64, FLIP=True), 8),
-    "spectral": shared(fc._spectral_kernel, {**ptr("za_ptr zb_ptr zc_ptr out_ptr out2_ptr f_ptr", "*fp16"),
-                       **ptr("sa_ptr sb_ptr sc_ptr so_ptr so2_ptr tw_ptr", "*fp32"),
-                       **ptr("D plane_a plane_b plane_c plane_o", "i32")}, dict(flags, BLOCK_C=32, TWO=True), 8),
-    "exact_head": shared(fc._exact_head_kernel, {**ptr("v_ptr g_ptr y_ptr", "*bf16"),
-                         **ptr("n D v_sb v_st g_sb g_st y_sb y_st", "i32")}, dict(K=fc.EXACT_HEAD, BLOCK_C=32), 4),
-    "synthesis": shared(fc._synthesis_kernel, {**ptr("w_ptr a_ptr", "*fp16"), **ptr("s_ptr", "*fp32"),
-                        **ptr("y_ptr", "*bf16"), **ptr("L D plane", "i32"), "scale": "fp32"},
-                        dict(flags, BLOCK_C=64, FLIP=True), 8),
+SIGS = {
+    "analysis": (fc._analysis_kernel, {**ptr("x_ptr", "*bf16"), **ptr("z_ptr a_ptr", "*fp16"),
+                 **ptr("s_ptr tw_ptr", "*fp32"), **ptr("L D stride_b stride_t plane", "i32")}, dict(FLIP=True)),
+    "spectral": (fc._spectral_kernel, {**ptr("za_ptr zb_ptr zc_ptr out_ptr out2_ptr f_ptr", "*fp16"),
+                 **ptr("sa_ptr sb_ptr sc_ptr so_ptr so2_ptr tw_ptr", "*fp32"),
+                 **ptr("D plane_a plane_b plane_c plane_o", "i32")}, dict(TWO=True)),
+    "synthesis": (fc._synthesis_kernel, {**ptr("w_ptr a_ptr", "*fp16"), **ptr("s_ptr", "*fp32"),
+                  **ptr("y_ptr", "*bf16"), **ptr("L D plane", "i32"), "scale": "fp32"}, dict(FLIP=True)),
 }
+out = {"exact_head": shared(fc._exact_head_kernel, {**ptr("v_ptr g_ptr y_ptr", "*bf16"),
+       **ptr("n D v_sb v_st g_sb g_st y_sb y_st", "i32")}, dict(K=fc.EXACT_HEAD, BLOCK_C=32), 4, 3)}
+for length in fc.SPLITS:  # every length's own split and tuned tiles, each distinct build once
+    st = fc.TritonStages(length, "cpu", torch.bfloat16)
+    for i, (name, block) in enumerate((("analysis", st.block_c), ("spectral", st.block_c2),
+                                       ("synthesis", st.block_c))):
+        fn, sig, flags = SIGS[name]
+        const = dict(flags, P=st.P, T=st.T, ROWS=st.rows, FP32=False, BLOCK_C=block)
+        key = f"{name} P={st.P} T={st.T} C={block} warps={st.warps[i]}"
+        if key not in out:
+            out[key] = shared(fn, sig, const, st.warps[i], st.stages)
 print(json.dumps(out))
 """
 
 
 @pytest.mark.skipif(not fftconv.TRITON_AVAILABLE, reason="needs triton (its compiler builds for sm_90 without a GPU)")
 def test_kernels_fit_hopper_shared_memory():
-    """Each kernel, built for sm_90 at the largest split with the default tiles, fits the 227 KB of shared
-    memory a block may use on an H100/H200 (once, a kernel that loaded one more tile per row needed 280 KB and
-    failed only on the GPU)."""
+    """Each kernel, built for sm_90 with every length's split and tiles, fits the 227 KB of shared memory a
+    block may use on an H100/H200 (once, a kernel that loaded one more tile per row needed 280 KB and failed
+    only on the GPU)."""
     import json
     import subprocess
     import sys
@@ -296,5 +309,5 @@ def test_kernels_fit_hopper_shared_memory():
     done = subprocess.run([sys.executable, "-c", _SM90_BUILD], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(shared) == {"analysis", "spectral", "exact_head", "synthesis"}
+    assert {key.split()[0] for key in shared} == {"analysis", "spectral", "exact_head", "synthesis"}
     assert all(used <= 232448 for used in shared.values()), shared

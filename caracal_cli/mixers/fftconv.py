@@ -56,8 +56,14 @@ EXACT_HEAD = 32
 
 # (P, T) for each padded length: the analysis/synthesis level costs ~4P FLOPs per element and each
 # spectral transform ~8T, so P ≥ T.
-SPLITS = {256: (16, 16), 512: (32, 16), 1024: (32, 32), 2048: (64, 32), 4096: (64, 64), 8192: (128, 64),
+# At 1024, (64, 16) beat (32, 32) on an H200: 3.47 against 5.37 ms forward+backward (d=1024, 65536 tokens).
+SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (64, 64), 8192: (128, 64),
           16384: (128, 128)}
+# TritonStages' tile settings, and per padded length those that beat them in the same H200 bench (forward+
+# backward ms, default → tuned): 2048 5.00 → 3.21 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64
+# rows and 128-byte lines); 8192 4.46 → 4.22 and 16384 5.22 → 5.01 (32-channel analysis/synthesis tiles).
+DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3)
+TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(block_c=32), 16384: dict(block_c=32)}
 
 
 def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None = None, impl: str = "auto") -> str:
@@ -89,10 +95,15 @@ def path_label(device: torch.device, impl: str = "auto") -> str:
     return "torch.fft (float32)"
 
 
+def padded_length(length: int) -> int:
+    """The transform's length: the next power of two, at least MIN_PADDED_LEN."""
+    return max(MIN_PADDED_LEN, 1 << max(0, length - 1).bit_length())
+
+
 def split_for(length: int, p: int = 0) -> tuple[int, int]:
-    """(P, T) for a sequence of `length`: padded to the next power of two, at least MIN_PADDED_LEN; SPLITS's
-    choice, or P = p where p > 0 (benchmarks try other splits: both factors powers of two in 16…128)."""
-    padded = max(MIN_PADDED_LEN, 1 << max(0, length - 1).bit_length())
+    """(P, T) for a sequence of `length`: SPLITS's choice for its padded length, or P = p where p > 0
+    (benchmarks try other splits: both factors powers of two in 16…128)."""
+    padded = padded_length(length)
     if padded not in SPLITS:
         raise ValueError(f"no fast FFT split for L={length} (padded {padded}); at most {MAX_LEN}")
     if not p:
@@ -198,8 +209,9 @@ def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Ten
     return monarch_conv(v, g, *_tile_args(**tiles))[0]
 
 
-def _tile_args(block_c: int = 64, block_c2: int = 32, rows_per_prog: int = 4, warps: tuple[int, int, int] | None = None,
-               stages: int = 3, split_p: int = 0) -> tuple:
+def _tile_args(block_c: int = 0, block_c2: int = 0, rows_per_prog: int = 0, warps: tuple[int, int, int] | None = None,
+               stages: int = 0, split_p: int = 0) -> tuple:
+    """The operators' tile arguments; 0 (and warps None) is the length's tuned setting."""
     return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages, split_p
 
 
@@ -288,20 +300,23 @@ class TritonStages:
 
     batch_dim = 1
 
-    def __init__(self, length: int, device, dtype: torch.dtype, block_c: int = 64, block_c2: int = 32,
-                 rows_per_prog: int = 4, warps: tuple[int, int, int] | None = None, stages: int = 3,
+    def __init__(self, length: int, device, dtype: torch.dtype, block_c: int = 0, block_c2: int = 0,
+                 rows_per_prog: int = 0, warps: tuple[int, int, int] | None = None, stages: int = 0,
                  split_p: int = 0):
         self.L = length
         self.P, self.T = split_for(length, split_p)
         self.fp32 = dtype == torch.float32
         self.zdtype = torch.float32 if self.fp32 else torch.float16
         self.A, self.F, self.tw = _kernel_tables(self.P, self.T, str(torch.device(device)), self.fp32)
-        self.block_c, self.block_c2 = block_c, block_c2
-        self.rows = rows_per_prog
+        given = dict(block_c=block_c, block_c2=block_c2, rows_per_prog=rows_per_prog, stages=stages)
+        tiles = {**DEFAULT_TILES, **TUNED_TILES.get(padded_length(length), {}),
+                 **{k: v for k, v in given.items() if v}}
+        self.block_c, self.block_c2 = tiles["block_c"], tiles["block_c2"]
+        self.rows = tiles["rows_per_prog"]
+        self.stages = tiles["stages"]  # software-pipelining depth of each kernel's loop over rows
         # 8 warps once a program's fp32 tiles pass ~32 KB (registers), else 4
-        self.warps = warps or (8 if self.P * block_c >= 8192 else 4, 8 if self.T * block_c2 >= 4096 else 4,
-                               8 if self.P * block_c >= 8192 else 4)
-        self.stages = stages  # software-pipelining depth of each kernel's loop over rows
+        wide, wide2 = self.P * self.block_c >= 8192, self.T * self.block_c2 >= 4096
+        self.warps = warps or (8 if wide else 4, 8 if wide2 else 4, 8 if wide else 4)
 
     def _rows(self, n: int) -> int:
         return min(self.rows, n)
