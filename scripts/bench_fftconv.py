@@ -27,6 +27,7 @@ from caracal_cli.mixers.mhf import causal_fft_conv_reference
 D, HEADS, TOKENS = 1024, 16, 65536
 SWEEP = {  # tile settings tried at the --sweep lengths, each over fftconv.DEFAULT_TILES (c64/32 r4 s3); "triton
     # fast" runs the length's tuned tiles (fftconv.TUNED_TILES)
+    "c64/32 r4 s3": {},  # the defaults themselves, where a length's tuned tiles differ
     "c64/16 r4": dict(block_c2=16),
     "c32/32 r4": dict(block_c=32),
     "c64/32 r1": dict(rows_per_prog=1),

@@ -447,17 +447,15 @@ if TRITON_AVAILABLE:
         return tl.where(m > 0, m, 1.0)[None, :]
 
     @triton.jit
-    def _dft_cols(fr, fi, zr, zi, FP32: tl.constexpr, INVERSE: tl.constexpr):
-        """F @ z (or conj(F) @ z) for F = fr + i·fi [T, T] and z = zr + i·zi [T, C] float32. Here F is the
-        left operand: M = T = 128 rows keep the tensor cores' wide instruction with few channels per program."""
-        zero = tl.zeros(zr.shape, dtype=tl.float32)
-        if FP32:
-            s = 1.0
-            ur, ui = zr, zi
-        else:
-            s = _col_scale(zr, zi)
-            inv = 1.0 / s
-            ur, ui = (zr * inv).to(tl.float16), (zi * inv).to(tl.float16)
+    def _operand(x, FP32: tl.constexpr):
+        return x if FP32 else x.to(tl.float16)
+
+    @triton.jit
+    def _dft_cols(fr, fi, ur, ui, FP32: tl.constexpr, INVERSE: tl.constexpr):
+        """F @ u (or conj(F) @ u) for F = fr + i·fi [T, T] and u = ur + i·ui [T, C] with |u| ≤ 1 (fp16 or
+        float32 operands); float32 out, each |·| ≤ √T. Here F is the left operand: M = T = 128 rows keep the
+        tensor cores' wide instruction with few channels per program."""
+        zero = tl.zeros(ur.shape, dtype=tl.float32)
         # chained accumulators: two live [T, C] products instead of four
         if INVERSE:  # (fr − i·fi)(ur + i·ui) = (fr·ur + fi·ui) + i(fr·ui − fi·ur)
             outr = _mm(fi, ui, _mm(fr, ur, zero, FP32), FP32)
@@ -465,22 +463,30 @@ if TRITON_AVAILABLE:
         else:  # (fr + i·fi)(ur + i·ui) = (fr·ur − fi·ui) + i(fr·ui + fi·ur)
             outr = _mm(fi, -ui, _mm(fr, ur, zero, FP32), FP32)
             outi = _mm(fi, ur, _mm(fr, ui, zero, FP32), FP32)
-        return outr * s, outi * s
+        return outr, outi
 
     @triton.jit
-    def _load_spectrum(z, scale, plane, off, cmask):
-        """A scaled spectrum tile (re, im) back in float32."""
-        return (tl.load(z + off, mask=cmask, other=0.0).to(tl.float32) * scale,
-                tl.load(z + plane + off, mask=cmask, other=0.0).to(tl.float32) * scale)
+    def _load_unit(z, ratio, plane, off, cmask, FP32: tl.constexpr):
+        """A stored spectrum tile as operands u = Z / S_c with |u| ≤ 1: `ratio` [T, C] is the stored row scale
+        over its column's largest, S_c."""
+        return (_operand(tl.load(z + off, mask=cmask, other=0.0).to(tl.float32) * ratio, FP32),
+                _operand(tl.load(z + plane + off, mask=cmask, other=0.0).to(tl.float32) * ratio, FP32))
 
     @triton.jit
-    def _store_spectrum(out, s, plane, off, yr, yi, cmask):
-        """Store a [T, C] tile as yr/S, yi/S with S[c] = max over the column of |yr|, |yi|."""
+    def _store_spectrum(out, s, plane, off, yr, yi, bound, cmask):
+        """Store a [T, C] tile y·bound as yr/S, yi/S with S[c] = max over the column of |yr|, |yi| (× bound)."""
         scale = _col_scale(yr, yi)
-        tl.store(s, scale, mask=cmask)
+        tl.store(s, scale * bound, mask=cmask)
         inv = 1.0 / scale
         tl.store(out + off, (yr * inv).to(out.dtype.element_ty), mask=cmask)
         tl.store(out + plane + off, (yi * inv).to(out.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _col_bound(s):
+        """S_c, the largest of a column's row scales, and each row's ratio to it."""
+        m = tl.max(s, axis=0)[None, :]
+        m = tl.where(m > 0, m, 1.0)
+        return m, s / m
 
     @triton.jit
     def _spectral_kernel(za_ptr, zb_ptr, zc_ptr, sa_ptr, sb_ptr, sc_ptr, out_ptr, out2_ptr, so_ptr, so2_ptr,
@@ -489,38 +495,51 @@ if TRITON_AVAILABLE:
                          TWO: tl.constexpr, FP32: tl.constexpr):
         """For ROWS values of k2 and BLOCK_C channels: W = conj(tw) ⊙ F^H((F Z_a) ⊙ (F Z_b)) along n1
         (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]. Inputs carry one
-        scale per (n1, c), outputs get one per (k2, c)."""
+        scale per (n1, c), outputs get one per (k2, c).
+
+        Operands are scaled by bounds known before the loop, not by each tile's maximum (a reduction across
+        warps per tile): an input column by its largest row scale S_c, so |u| ≤ 1 and |F u| ≤ √T (F is
+        unitary up to rounding, entries 1/√T); the product of two transforms by T."""
         b = tl.program_id(2).to(tl.int64)
         n = tl.arange(0, T)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = (c < D)[None, :]
         f_off = n[:, None] * T + n[None, :]
-        fr = tl.load(f_ptr + f_off)
-        fi = tl.load(f_ptr + T * T + f_off)
+        fr = _operand(tl.load(f_ptr + f_off), FP32)
+        fi = _operand(tl.load(f_ptr + T * T + f_off), FP32)
         off = n[:, None] * D + c[None, :]
         s_base = b * T * D  # the input scales [B, T(n1), D] do not depend on k2: loaded once
-        sa = tl.load(sa_ptr + s_base + off, mask=cmask, other=0.0)
-        sb = tl.load(sb_ptr + s_base + off, mask=cmask, other=0.0)
-        sc = tl.load(sc_ptr + s_base + off, mask=cmask, other=0.0) if TWO else sb
+        bound_a, ra = _col_bound(tl.load(sa_ptr + s_base + off, mask=cmask, other=0.0))
+        bound_b, rb = _col_bound(tl.load(sb_ptr + s_base + off, mask=cmask, other=0.0))
+        if TWO:
+            bound_c, rc = _col_bound(tl.load(sc_ptr + s_base + off, mask=cmask, other=0.0))
+        else:
+            bound_c, rc = bound_b, rb
         for i in range(ROWS):
             k2 = tl.program_id(0) * ROWS + i
             base = (b * P + k2) * T * D  # int64; the offsets inside the tile stay int32
             za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
             so_off = (b * P + k2) * D + c[None, :]
-            xr, xi = _load_spectrum(za, sa, plane_a, off, cmask)
-            ar, ai = _dft_cols(fr, fi, xr, xi, FP32, False)
-            xr, xi = _load_spectrum(zb, sb, plane_b, off, cmask)
-            br, bi = _dft_cols(fr, fi, xr, xi, FP32, False)
+            ur, ui = _load_unit(za, ra, plane_a, off, cmask, FP32)
+            ar, ai = _dft_cols(fr, fi, ur, ui, FP32, False)
+            ur, ui = _load_unit(zb, rb, plane_b, off, cmask, FP32)
+            br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
             twr = tl.load(tw_ptr + k2 * T + n)[:, None]
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
-            yr, yi = _dft_cols(fr, fi, ar * br - ai * bi, ar * bi + ai * br, FP32, True)
-            _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi, cmask)
+            # |a·b| ≤ T: the product's operands divided by T (a power of two, exact), undone in the stored scale
+            pr = _operand((ar * br - ai * bi) * (1.0 / T), FP32)
+            pi = _operand((ar * bi + ai * br) * (1.0 / T), FP32)
+            yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
+            _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
+                            bound_a * bound_b * T, cmask)
             if TWO:
-                xr, xi = _load_spectrum(zc, sc, plane_c, off, cmask)
-                br, bi = _dft_cols(fr, fi, xr, xi, FP32, False)
-                yr, yi = _dft_cols(fr, fi, ar * br - ai * bi, ar * bi + ai * br, FP32, True)
+                ur, ui = _load_unit(zc, rc, plane_c, off, cmask, FP32)
+                br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
+                pr = _operand((ar * br - ai * bi) * (1.0 / T), FP32)
+                pi = _operand((ar * bi + ai * br) * (1.0 / T), FP32)
+                yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
                 _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
-                                cmask)
+                                bound_a * bound_c * T, cmask)
 
     @triton.jit
     def _exact_head_kernel(v_ptr, g_ptr, y_ptr, n, D, v_sb, v_st, g_sb, g_st, y_sb, y_st, K: tl.constexpr,
