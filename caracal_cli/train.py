@@ -500,27 +500,28 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                             loss = train_model(x, targets=y)
                         scaler.scale(loss / plan.grad_accum).backward()
                     loss_sum += loss.detach()
-                # One collective per step: mean loss, and whether any rank was asked to stop.
-                report = torch.stack([loss_sum / plan.grad_accum,
-                                      torch.tensor(float(signal.SIGINT in stop.caught), device=dev),
-                                      torch.tensor(float(signal.SIGTERM in stop.caught), device=dev)])
-                if ranks.world_size > 1:
-                    dist.all_reduce(report)
-                loss_value, sigint, sigterm = report.tolist()
-                loss_value /= ranks.world_size
-                if not math.isfinite(loss_value):
-                    last = latest_checkpoint(run_dir)
-                    raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped before applying it "
-                                     f"(last good checkpoint: {last if last else 'none saved yet'})")
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                            tc.grad_clip if tc.grad_clip > 0 else math.inf)
                 if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                     grad_norm = grad_norm.full_tensor()
+                # One collective and one wait for the GPU per step: mean loss, the gradient norm (the same on
+                # every rank) and whether any rank was asked to stop; the optimizer then runs while the host
+                # prepares the next step.
+                report = torch.stack([loss_sum / plan.grad_accum, grad_norm.float(),
+                                      torch.tensor(float(signal.SIGINT in stop.caught), device=dev),
+                                      torch.tensor(float(signal.SIGTERM in stop.caught), device=dev)])
+                if ranks.world_size > 1:
+                    dist.all_reduce(report)
+                loss_value, grad_norm, sigint, sigterm = report.tolist()
+                loss_value, grad_norm = loss_value / ranks.world_size, grad_norm / ranks.world_size
+                if not math.isfinite(loss_value):
+                    last = latest_checkpoint(run_dir)
+                    raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped before applying it "
+                                     f"(last good checkpoint: {last if last else 'none saved yet'})")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                grad_norm = grad_norm.item()
 
                 dt = time.perf_counter() - t0
                 state.step, state.tokens, state.loss = step + 1, state.tokens + plan.tokens_per_step, loss_value

@@ -194,6 +194,9 @@ def test_torchrun_ddp_on_cpu_matches_one_process(data, straight, tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "world size 2 (ddp)" in ddp.stdout
     assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(straight["run_dir"])[:4], rel=1e-4)
+    norms = [[r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r][:4]
+             for run in (tmp_path / "ddp", straight["run_dir"])]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)  # the global gradient's norm, averaged over ranks
 
 
 def test_fsdp2_on_cpu_checkpoints_full_state_and_resumes(data, straight, tmp_path):
