@@ -9,6 +9,8 @@
 #                                           # autotune at every new shape: Mamba-2 takes ~4 minutes)
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
 #   bash scripts/gpu_acceptance.sh mfu      # profiles of llama-tiny and tiny at micro-batch 32/64, compile modes
+#   bash scripts/gpu_acceptance.sh trainer-mfu  # caracal train's own wall-clock MFU, llama-tiny and tiny, the
+#                                           # presets' full recipe (524,288 tokens per step: 16 micro-batches)
 #   bash scripts/gpu_acceptance.sh scale    # tiny with MHF's scale=mean and =sqrt; memory per preset at 24 GB
 #   bash scripts/gpu_acceptance.sh ablate   # the MHF:SWA ratio study at the tiny size
 #
@@ -17,7 +19,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|mfu|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|mfu|trainer-mfu|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -94,6 +96,20 @@ mfu)
     collect "$WORK"/profile_*_mb*.json "$WORK/status.log"
     grep -h " on NVIDIA" "$WORK"/profile_*_mb*.log
     ;;
+trainer-mfu)
+    # 40 optimizer steps each, compiled, no evaluation or checkpoint until the end; the median of the logged
+    # steps after the first (compilation) is the number to quote.
+    for preset in llama-tiny tiny; do
+        step "trainer_$preset" 240 "${CARACAL[@]}" train --preset "$preset" --data "$DATA" --device cuda --compile \
+            --out "$WORK/trainer_$preset" --max-steps 40 --set train.eval_every=1000 --set train.checkpoint_every=1000 \
+            --set train.eval_tokens=65536 --set train.log_every=5
+        python3 -c "import json, statistics, sys; r = [json.loads(l) for l in open(sys.argv[1])]; s = [x for x in r if 'mfu' in x][1:]; print(sys.argv[2], 'median of', len(s), 'steps:', round(statistics.median(x['tokens_per_s'] for x in s)), 'tokens/s, MFU', round(100 * statistics.median(x['mfu'] for x in s), 1), '%')" \
+            "$WORK/trainer_$preset/metrics.jsonl" "$preset" | tee -a "$WORK/status.log"
+        cp "$WORK/trainer_$preset/metrics.jsonl" "$WORK/metrics_trainer_$preset.jsonl" 2>/dev/null
+    done
+    collect "$WORK"/metrics_trainer_*.jsonl "$WORK"/trainer_*.log "$WORK/status.log"
+    cat "$WORK/status.log"
+    ;;
 scale)
     for scale in mean sqrt; do
         step "train_scale_$scale" 280 env TOKENS=${TOKENS:-26214400} RUNS=/tmp/scale-$scale SKIP_LLAMA=1 \
@@ -113,7 +129,7 @@ ablate)
     cat "$WORK/ablate/ablation.md"
     ;;
 *)
-    echo "unknown part $part (tests, bench, speed, speed-ssm, train, mfu, scale or ablate)" >&2
+    echo "unknown part $part (tests, bench, speed, speed-ssm, train, mfu, trainer-mfu, scale or ablate)" >&2
     exit 2
     ;;
 esac
