@@ -56,12 +56,13 @@ EXACT_HEAD = 32
 
 # (P, T) for each padded length: the analysis/synthesis level costs ~4P FLOPs per element and each
 # spectral transform ~8T, so P ≥ T.
-# At 1024, (64, 16) beat (32, 32) on an H200: 3.47 against 5.37 ms forward+backward (d=1024, 65536 tokens).
+# At 1024, (64, 16) beats (32, 32) on an H200: 2.38 against 3.73 ms forward+backward (d=1024, 65536 tokens).
 SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (64, 64), 8192: (128, 64),
           16384: (128, 128)}
-# TritonStages' tile settings, and per padded length those that beat them in the same H200 bench (forward+
-# backward ms, default → tuned): 2048 5.00 → 3.21 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64
-# rows and 128-byte lines); 8192 4.46 → 4.22 and 16384 5.22 → 5.01 (32-channel analysis/synthesis tiles).
+# TritonStages' tile settings, and per padded length those that beat them in H200 benches (forward+backward
+# ms, default → tuned): 2048 3.30 → 2.33 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64 rows and
+# 128-byte lines); 8192 4.46 → 4.22 and 16384 5.22 → 5.01 (32-channel analysis/synthesis tiles; measured
+# before the spectral kernel's operands were scaled by bounds).
 DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3)
 TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(block_c=32), 16384: dict(block_c=32)}
 
