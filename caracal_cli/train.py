@@ -395,7 +395,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     sharded = tc.parallel == "fsdp" and ranks.world_size > 1
     if job.compile:  # in place, so parameter names (and checkpoints) stay as they are
         for module in (model.blocks if sharded else [model]):
-            module.compile(mode=None if tc.compile_mode == "default" else tc.compile_mode)
+            module.compile(mode=tc.compile_mode)
     if sharded:
         from torch.distributed.fsdp import fully_shard
 

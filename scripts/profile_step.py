@@ -74,8 +74,7 @@ def main() -> None:
     length = config.model.context
     model = build_model(config.model).to(device)
     optimizer = build_optimizer(model, config.train, device)
-    mode = None if args.compile_mode == "default" else args.compile_mode
-    runner = torch.compile(model, mode=mode) if args.compile else model
+    runner = torch.compile(model, mode=args.compile_mode) if args.compile else model
     ids = torch.randint(0, config.model.vocab_size, (batch, length + 1), device=device)
     dtype = torch.bfloat16 if cuda else torch.float32
 
