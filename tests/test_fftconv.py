@@ -274,7 +274,7 @@ def shared(fn, sig, const, warps, stages):
 ptr = lambda names, kind: {n: kind for n in names.split()}  # noqa: E731
 SIGS = {
     "analysis": (fc._analysis_kernel, {**ptr("x_ptr", "*bf16"), **ptr("z_ptr a_ptr", "*fp16"),
-                 **ptr("s_ptr tw_ptr", "*fp32"), **ptr("L D stride_b stride_t plane", "i32")}, dict(FLIP=True)),
+                 **ptr("peak_ptr tw_ptr", "*fp32"), **ptr("L D stride_b stride_t plane", "i32")}, dict(FLIP=True)),
     "spectral": (fc._spectral_kernel, {**ptr("za_ptr zb_ptr zc_ptr out_ptr out2_ptr f_ptr", "*fp16"),
                  **ptr("sa_ptr sb_ptr sc_ptr so_ptr so2_ptr tw_ptr", "*fp32"),
                  **ptr("D plane_a plane_b plane_c plane_o", "i32")}, dict(TWO=True)),

@@ -228,7 +228,7 @@ def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tup
     return z.narrow(1, start, n), s.narrow(0, start, n)
 
 
-# The operator returns the spectra of v and g beside y (values [2, 2B, P, T, D] and their scales [2B, T, D]),
+# The operator returns the spectra of v and g beside y (values [2, 2B, P, T, D] and their scales [2B, D]),
 # so that the backward reuses them.
 @torch.library.custom_op("caracal::monarch_conv", mutates_args=())
 def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
@@ -248,7 +248,7 @@ def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p):
     zdtype = torch.float32 if v.dtype == torch.float32 else torch.float16
     # contiguous, as the kernels write them (empty_like would copy v's strides)
     return (v.new_empty(v.shape), v.new_empty((2, 2 * v.shape[0], P, T, v.shape[2]), dtype=zdtype),
-            v.new_empty((2 * v.shape[0], T, v.shape[2]), dtype=torch.float32))
+            v.new_empty((2 * v.shape[0], v.shape[2]), dtype=torch.float32))
 
 
 @torch.library.custom_op("caracal::monarch_conv_backward", mutates_args=())
@@ -323,23 +323,26 @@ class TritonStages:
         return min(self.rows, n)
 
     def analysis(self, xs: list[torch.Tensor], flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spectra of each x in xs, stacked on the batch axis: values [2, S·B, P, T, D] and scales [S·B, T, D]."""
+        """Spectra of each x in xs, stacked on the batch axis: values [2, S·B, P, T, D], |·| ≤ 1, and one scale
+        per sample and channel [S·B, D]. The scale is √P·max_t |x[:, t, c]|, a bound known before the
+        transform, so the kernels need no reduction to choose one."""
         B, L, D = xs[0].shape
         z = torch.empty(2, len(xs) * B, self.P, self.T, D, device=xs[0].device, dtype=self.zdtype)
-        scale = torch.empty(len(xs) * B, self.T, D, device=xs[0].device, dtype=torch.float32)
+        peak = torch.cat([torch.linalg.vector_norm(x, float("inf"), dim=1) for x in xs]).float()
+        peak = torch.where(peak > 0, peak, 1.0)  # an all-zero channel stays zero
         rows = self._rows(self.T)
         for i, x in enumerate(xs):
             x = x if x.stride(-1) == 1 else x.contiguous()
             grid = (self.T // rows, triton.cdiv(D, self.block_c), B)
-            _analysis_kernel[grid](x, z[:, i * B:], scale[i * B:], self.A, self.tw, L, D, x.stride(0), x.stride(1),
+            _analysis_kernel[grid](x, z[:, i * B:], peak[i * B:], self.A, self.tw, L, D, x.stride(0), x.stride(1),
                                    z.stride(0),
                                    P=self.P, T=self.T, BLOCK_C=self.block_c, ROWS=rows, FLIP=flip, FP32=self.fp32,
                                    num_warps=self.warps[0], num_stages=self.stages)
-        return z, scale
+        return z, peak * math.sqrt(self.P)
 
     def spectral(self, a: tuple, b: tuple, c: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W for the spectra a and b (and a second output for a and c): values [2, n·B, P, T, D] and scales
-        [n·B, P, D]."""
+        [n·B, P, D], one per (k2, c)."""
         (za, sa), (zb, sb) = a, b
         two = c is not None
         zc, sc = c if two else b
@@ -400,21 +403,26 @@ if TRITON_AVAILABLE:
         return tl.where(m > 0, m, 1.0)[:, None]
 
     @triton.jit
-    def _analysis_kernel(x_ptr, z_ptr, s_ptr, a_ptr, tw_ptr, L, D, stride_b, stride_t, plane,
+    def _operand(x, FP32: tl.constexpr):
+        return x if FP32 else x.to(tl.float16)
+
+    @triton.jit
+    def _analysis_kernel(x_ptr, z_ptr, peak_ptr, a_ptr, tw_ptr, L, D, stride_b, stride_t, plane,
                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                          FLIP: tl.constexpr, FP32: tl.constexpr):
-        """Z[b, k2, n1, c] for ROWS values of n1 and BLOCK_C channels: x[c, n2] @ A^T[n2, k2], then tw; stored
-        as Z / S with S[b, n1, c] = max over k2 of |Re Z|, |Im Z|."""
+        """Z[b, k2, n1, c] for ROWS values of n1 and BLOCK_C channels: x[c, n2] @ A^T[n2, k2], then tw; the
+        operand is x / peak[b, c] (|·| ≤ 1), the stored value Z / (√P·peak), which |A| = 1/√P keeps ≤ 1."""
         b = tl.program_id(2).to(tl.int64)  # per-batch bases in int64, offsets inside a tile in int32
         x_ptr += b * stride_b
         z_ptr += b * P * T * D
-        s_ptr += b * T * D
         k = tl.arange(0, P)  # n2 of the input columns, k2 of the output columns
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = (c < D)[:, None]
         at_off = k[None, :] * P + k[:, None]  # A transposed: rows n2, columns k2
         ar = tl.load(a_ptr + at_off)
         ai = tl.load(a_ptr + P * P + at_off)
+        inv_peak = 1.0 / tl.load(peak_ptr + b * D + c, mask=c < D, other=1.0)[:, None]
+        inv_root = 1.0 / tl.sqrt(P * 1.0)
         zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
         for i in range(ROWS):
             n1 = tl.program_id(0) * ROWS + i
@@ -422,34 +430,20 @@ if TRITON_AVAILABLE:
             src = (L - 1 - t) if FLIP else t
             x = tl.load(x_ptr + (src[None, :] * stride_t + c[:, None]),
                         mask=(t < L)[None, :] & cmask, other=0.0).to(tl.float32)
-            if FP32:
-                zr = _mm(x, ar, zero, FP32)
-                zi = _mm(x, ai, zero, FP32)
-            else:
-                s = tl.max(tl.abs(x), axis=1)
-                s = tl.where(s > 0, s, 1.0)[:, None]
-                x16 = (x * (1.0 / s)).to(tl.float16)
-                zr = _mm(x16, ar, zero, FP32) * s
-                zi = _mm(x16, ai, zero, FP32) * s
-            twr = tl.load(tw_ptr + k * T + n1)[None, :]
-            twi = tl.load(tw_ptr + P * T + k * T + n1)[None, :]
-            outr, outi = zr * twr - zi * twi, zr * twi + zi * twr
-            s_out = _row_scale(outr, outi)
-            tl.store(s_ptr + n1 * D + c[:, None], s_out, mask=cmask)
-            inv = 1.0 / s_out
+            x = _operand(x * inv_peak, FP32)
+            zr = _mm(x, ar, zero, FP32)
+            zi = _mm(x, ai, zero, FP32)
+            twr = tl.load(tw_ptr + k * T + n1)[None, :] * inv_root
+            twi = tl.load(tw_ptr + P * T + k * T + n1)[None, :] * inv_root
             off = (k[None, :] * T + n1) * D + c[:, None]
-            tl.store(z_ptr + off, (outr * inv).to(z_ptr.dtype.element_ty), mask=cmask)
-            tl.store(z_ptr + plane + off, (outi * inv).to(z_ptr.dtype.element_ty), mask=cmask)
+            tl.store(z_ptr + off, (zr * twr - zi * twi).to(z_ptr.dtype.element_ty), mask=cmask)
+            tl.store(z_ptr + plane + off, (zr * twi + zi * twr).to(z_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _col_scale(xr, xi):
         """One scale per column (a channel's sequence), max |·| over re and im (1 for an all-zero column)."""
         m = tl.maximum(tl.max(tl.abs(xr), axis=0), tl.max(tl.abs(xi), axis=0))
         return tl.where(m > 0, m, 1.0)[None, :]
-
-    @triton.jit
-    def _operand(x, FP32: tl.constexpr):
-        return x if FP32 else x.to(tl.float16)
 
     @triton.jit
     def _dft_cols(fr, fi, ur, ui, FP32: tl.constexpr, INVERSE: tl.constexpr):
@@ -467,27 +461,27 @@ if TRITON_AVAILABLE:
         return outr, outi
 
     @triton.jit
-    def _load_unit(z, ratio, plane, off, cmask, FP32: tl.constexpr):
-        """A stored spectrum tile as operands u = Z / S_c with |u| ≤ 1: `ratio` [T, C] is the stored row scale
-        over its column's largest, S_c."""
-        return (_operand(tl.load(z + off, mask=cmask, other=0.0).to(tl.float32) * ratio, FP32),
-                _operand(tl.load(z + plane + off, mask=cmask, other=0.0).to(tl.float32) * ratio, FP32))
+    def _load_unit(z, plane, off, cmask):
+        """A stored spectrum tile (|·| ≤ 1), as the operands it already is."""
+        return tl.load(z + off, mask=cmask, other=0.0), tl.load(z + plane + off, mask=cmask, other=0.0)
 
     @triton.jit
-    def _store_spectrum(out, s, plane, off, yr, yi, bound, cmask):
-        """Store a [T, C] tile y·bound as yr/S, yi/S with S[c] = max over the column of |yr|, |yi| (× bound)."""
-        scale = _col_scale(yr, yi)
-        tl.store(s, scale * bound, mask=cmask)
-        inv = 1.0 / scale
-        tl.store(out + off, (yr * inv).to(out.dtype.element_ty), mask=cmask)
-        tl.store(out + plane + off, (yi * inv).to(out.dtype.element_ty), mask=cmask)
+    def _unit_product(ar, ai, br, bi, FP32: tl.constexpr):
+        """The product of two transforms as operands of column maximum 1, and that maximum. A bound would
+        not do here: inputs scaled per channel sit well below 1, and their product below fp16's normal range."""
+        pr, pi = ar * br - ai * bi, ar * bi + ai * br
+        sp = _col_scale(pr, pi)
+        inv = 1.0 / sp
+        return _operand(pr * inv, FP32), _operand(pi * inv, FP32), sp
 
     @triton.jit
-    def _col_bound(s):
-        """S_c, the largest of a column's row scales, and each row's ratio to it."""
-        m = tl.max(s, axis=0)[None, :]
-        m = tl.where(m > 0, m, 1.0)
-        return m, s / m
+    def _store_spectrum(out, s, plane, off, yr, yi, bound, cmask, T: tl.constexpr):
+        """Store a [T, C] tile that is bound · y with |y| ≤ √T (an inverse transform of operands ≤ 1, rotated)
+        as y/√T, with the scale bound·√T."""
+        inv_root = 1.0 / tl.sqrt(T * 1.0)
+        tl.store(s, bound / inv_root, mask=cmask)
+        tl.store(out + off, (yr * inv_root).to(out.dtype.element_ty), mask=cmask)
+        tl.store(out + plane + off, (yi * inv_root).to(out.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _spectral_kernel(za_ptr, zb_ptr, zc_ptr, sa_ptr, sb_ptr, sc_ptr, out_ptr, out2_ptr, so_ptr, so2_ptr,
@@ -496,11 +490,11 @@ if TRITON_AVAILABLE:
                          TWO: tl.constexpr, FP32: tl.constexpr):
         """For ROWS values of k2 and BLOCK_C channels: W = conj(tw) ⊙ F^H((F Z_a) ⊙ (F Z_b)) along n1
         (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]. Inputs carry one
-        scale per (n1, c), outputs get one per (k2, c).
+        scale per (sample, c), outputs get one per (k2, c).
 
-        Operands are scaled by bounds known before the loop, not by each tile's maximum (a reduction across
-        warps per tile): an input column by its largest row scale S_c, so |u| ≤ 1 and |F u| ≤ √T (F is
-        unitary up to rounding, entries 1/√T); the product of two transforms by T."""
+        Operands are scaled by bounds, not by each tile's maximum (a reduction across warps per tile): the
+        stored inputs u are ≤ 1, so |F u| ≤ √T (entries of F are 1/√T) and the product of two transforms,
+        divided by T, is ≤ 1 again."""
         b = tl.program_id(2).to(tl.int64)
         n = tl.arange(0, T)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -509,38 +503,32 @@ if TRITON_AVAILABLE:
         fr = _operand(tl.load(f_ptr + f_off), FP32)
         fi = _operand(tl.load(f_ptr + T * T + f_off), FP32)
         off = n[:, None] * D + c[None, :]
-        s_base = b * T * D  # the input scales [B, T(n1), D] do not depend on k2: loaded once
-        bound_a, ra = _col_bound(tl.load(sa_ptr + s_base + off, mask=cmask, other=0.0))
-        bound_b, rb = _col_bound(tl.load(sb_ptr + s_base + off, mask=cmask, other=0.0))
-        if TWO:
-            bound_c, rc = _col_bound(tl.load(sc_ptr + s_base + off, mask=cmask, other=0.0))
-        else:
-            bound_c, rc = bound_b, rb
+        bound_a = tl.load(sa_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
+        bound_b = tl.load(sb_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
+        bound_c = tl.load(sc_ptr + b * D + c, mask=c < D, other=1.0)[None, :] if TWO else bound_b
         for i in range(ROWS):
             k2 = tl.program_id(0) * ROWS + i
             base = (b * P + k2) * T * D  # int64; the offsets inside the tile stay int32
             za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
             so_off = (b * P + k2) * D + c[None, :]
-            ur, ui = _load_unit(za, ra, plane_a, off, cmask, FP32)
+            ur, ui = _load_unit(za, plane_a, off, cmask)
             ar, ai = _dft_cols(fr, fi, ur, ui, FP32, False)
-            ur, ui = _load_unit(zb, rb, plane_b, off, cmask, FP32)
+            ur, ui = _load_unit(zb, plane_b, off, cmask)
             br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
             twr = tl.load(tw_ptr + k2 * T + n)[:, None]
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
             # |a·b| ≤ T: the product's operands divided by T (a power of two, exact), undone in the stored scale
-            pr = _operand((ar * br - ai * bi) * (1.0 / T), FP32)
-            pi = _operand((ar * bi + ai * br) * (1.0 / T), FP32)
+            pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
             yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
             _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
-                            bound_a * bound_b * T, cmask)
+                            bound_a * bound_b * sp, cmask, T)
             if TWO:
-                ur, ui = _load_unit(zc, rc, plane_c, off, cmask, FP32)
+                ur, ui = _load_unit(zc, plane_c, off, cmask)
                 br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
-                pr = _operand((ar * br - ai * bi) * (1.0 / T), FP32)
-                pi = _operand((ar * bi + ai * br) * (1.0 / T), FP32)
+                pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
                 yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
                 _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
-                                bound_a * bound_c * T, cmask)
+                                bound_a * bound_c * sp, cmask, T)
 
     @triton.jit
     def _exact_head_kernel(v_ptr, g_ptr, y_ptr, n, D, v_sb, v_st, g_sb, g_st, y_sb, y_st, K: tl.constexpr,
