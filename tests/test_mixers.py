@@ -6,7 +6,7 @@ import torch
 
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.attention import Attention, apply_rope, attention_path, rope_tables
-from caracal_cli.mixers.mhf import causal_fft_conv
+from caracal_cli.mixers.mhf import CausalConv1d, causal_fft_conv
 from conftest import MIXER_EXAMPLES, all_mixer_examples, small_model_config
 
 EXAMPLES = all_mixer_examples()
@@ -100,6 +100,20 @@ def naive_attention(q, k, v, window):
     i, j = torch.arange(L).unsqueeze(1), torch.arange(L).unsqueeze(0)
     allowed = (j <= i) & ((i - j) < window if window else True)
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("groups", [12, 3])  # depthwise (shifted products) and grouped (nn.Conv1d)
+def test_causal_conv_equals_left_padded_conv1d_and_steps_with_its_state(groups):
+    conv = CausalConv1d(12, 3, groups=groups, bias=True)
+    x = torch.randn(2, 9, 12)
+    want = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (2, 0)), conv.conv.weight,
+                                      conv.conv.bias, groups=groups).transpose(1, 2)
+    assert torch.allclose(conv(x), want, atol=1e-6)
+    state = torch.zeros(2, 2, 12)
+    steps = torch.cat([conv(x[:, t:t + 1], state) for t in range(9)], dim=1)
+    assert torch.allclose(steps, want, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16 and torch.allclose(conv(x).float(), want, atol=5e-2)
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 256])

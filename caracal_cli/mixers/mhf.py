@@ -55,17 +55,26 @@ class CausalConv1d(nn.Module):
     def __init__(self, channels: int, kernel: int, groups: int, bias: bool):
         super().__init__()
         self.kernel = kernel
+        self.depthwise = groups == channels
         self.conv = nn.Conv1d(channels, channels, kernel, groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """`state` holds the k−1 inputs before x ([B, k−1, C], cached decoding); it is updated in place."""
-        h = x.transpose(1, 2)  # [B, C, L]
+        k, L = self.kernel, x.shape[1]
+        if self.depthwise and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the dtype autocast would run a Conv1d in
         if state is None:
-            h = F.pad(h, (self.kernel - 1, 0))
+            h = F.pad(x, (0, 0, k - 1, 0))  # [B, k−1+L, C]
         else:
-            h = torch.cat([state.transpose(1, 2), h], dim=2)
-            state.copy_(h[:, :, h.shape[2] - (self.kernel - 1):].transpose(1, 2))
-        return self.conv(h).transpose(1, 2)
+            h = torch.cat([state.to(x.dtype), x], dim=1)
+            state.copy_(h[:, h.shape[1] - (k - 1):])
+        if self.depthwise:
+            # k shifted products in the [B, L, C] layout: no transposes, and elementwise work that
+            # torch.compile fuses with its neighbours (PyTorch's depthwise Conv1d kernel is a generic one)
+            w = self.conv.weight[:, 0].to(x.dtype)  # [C, k]
+            y = sum(h[:, j:j + L] * w[:, j] for j in range(k))
+            return y if self.conv.bias is None else y + self.conv.bias.to(x.dtype)
+        return self.conv(h.transpose(1, 2)).transpose(1, 2)
 
 
 class MHF(nn.Module):
