@@ -36,6 +36,10 @@ SWEEP = {  # tile settings tried at the --sweep lengths, each over fftconv.DEFAU
     "c64/64 r4": dict(block_c2=64),  # wider spectral tiles: at T = 32 a [T, 32] tile is below Hopper's M = 64
     "c64/128 r2": dict(block_c2=128, rows_per_prog=2),
     "c128/32 r4": dict(block_c=128),
+    "c64/32 r4 aL": dict(left=fftconv.LEFT_A),  # A on the left of analysis and synthesis (M = P)
+    "c32/32 r4 aL": dict(block_c=32, left=fftconv.LEFT_A),
+    "c64/32 r8 aL": dict(rows_per_prog=8, left=fftconv.LEFT_A),
+    "c128/32 r4 aL": dict(block_c=128, left=fftconv.LEFT_A),
 }
 
 

@@ -31,7 +31,10 @@ def test_kernels_take_each_lengths_tuned_tiles_unless_told_otherwise():
     assert (default.block_c, default.block_c2, default.rows, default.stages) == (64, 32, 4, 3)
     assert fftconv.TritonStages(1500, "cpu", torch.bfloat16).block_c2 == 64  # TUNED_TILES[2048]
     assert fftconv.TritonStages(1500, "cpu", torch.bfloat16, block_c2=16).block_c2 == 16
-    assert fftconv.TritonStages(16384, "cpu", torch.bfloat16).block_c == 32
+    assert fftconv.TritonStages(16384, "cpu", torch.bfloat16).a_left and not default.a_left  # TUNED_TILES[16384]
+    assert not fftconv.TritonStages(16384, "cpu", torch.bfloat16, left=fftconv.LEFT_DATA).a_left
+    with pytest.raises(ValueError, match="left=3"):
+        fftconv.TritonStages(500, "cpu", torch.bfloat16, left=3)
 
 
 def test_longer_than_the_largest_split_is_refused():
@@ -138,13 +141,14 @@ def test_fast_impl_fails_loudly_on_cpu():
 
 # --- the Triton kernels -----------------------------------------------------------------------------------------
 
-def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0):
-    """Forward and both gradients of the Triton path against float64 autograd of the reference."""
+def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0, left=0):
+    """Forward and both gradients of the Triton path against float64 autograd of the reference (`left` 0: the
+    length's tuned orientation)."""
     v = torch.randn(batch, length, channels, device=device).to(dtype).requires_grad_()
     g = (0.5 * torch.randn(batch, length, channels, device=device) + 0.5).to(dtype).requires_grad_()
     dy = torch.randn(batch, length, channels, device=device).to(dtype)
     tiles = {} if device == "cuda" else dict(block_c=16, block_c2=16)
-    y = fftconv.causal_fft_conv_fast(v, g, split_p=split_p, **tiles)
+    y = fftconv.causal_fft_conv_fast(v, g, split_p=split_p, left=left, **tiles)
     dv, dg = torch.autograd.grad(y, (v, g), dy)
     v64, g64 = v.detach().double().requires_grad_(), g.detach().double().requires_grad_()
     y64 = causal_fft_conv_reference(v64, g64)
@@ -166,15 +170,17 @@ def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0
 
 @pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="runs the Triton kernels on the CPU only with triton installed and TRITON_INTERPRET=1")
-@pytest.mark.parametrize("length, channels, dtype, tol, split_p", [
-    (256, 16, torch.float32, 1e-5, 0),  # the kernels' float32 mode: their arithmetic, free of fp16 rounding
-    (300, 24, torch.bfloat16, 2e-2, 0),  # the interpreter rounds float32 → bf16 toward zero (the GPU: to nearest)
-    (7, 16, torch.float16, 2e-2, 0),
-    (1024, 16, torch.bfloat16, 2e-2, 0),  # long enough for the weighted check to see how spectra are stored
-    (300, 16, torch.float16, 2e-2, 16),  # P < T, as benchmarks may try
+@pytest.mark.parametrize("length, channels, dtype, tol, split_p, left", [
+    (256, 16, torch.float32, 1e-5, 0, 0),  # the kernels' float32 mode: their arithmetic, free of fp16 rounding
+    (256, 16, torch.float32, 1e-5, 0, fftconv.LEFT_A),  # the same with A as the left operand
+    (300, 24, torch.bfloat16, 2e-2, 0, 0),  # the interpreter rounds float32 → bf16 toward zero (the GPU: nearest)
+    (7, 16, torch.float16, 2e-2, 0, 0),
+    (1024, 16, torch.bfloat16, 2e-2, 0, 0),  # long enough for the weighted check to see how spectra are stored
+    (1024, 16, torch.bfloat16, 2e-2, 0, fftconv.LEFT_A),
+    (300, 16, torch.float16, 2e-2, 16, 0),  # P < T, as benchmarks may try
 ])
-def test_kernels_in_triton_interpreter(length, channels, dtype, tol, split_p):
-    _check_kernels("cpu", length, channels, dtype, tol=tol, split_p=split_p)
+def test_kernels_in_triton_interpreter(length, channels, dtype, tol, split_p, left):
+    _check_kernels("cpu", length, channels, dtype, tol=tol, split_p=split_p, left=left)
 
 
 @pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
@@ -226,6 +232,14 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.parametrize("length", [1, 300, 1000, 1500, 5000, 16384])
 def test_fast_path_on_gpu(length, dtype):
     _check_kernels("cuda", length, 96 if length < 16384 else 64, dtype, batch=2 if length < 16384 else 1)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("left", [fftconv.LEFT_DATA, fftconv.LEFT_A])
+@pytest.mark.parametrize("length", [1000, 9000])
+def test_fast_path_on_gpu_with_either_left_operand(length, left):
+    _check_kernels("cuda", length, 96, torch.bfloat16, left=left)
 
 
 @pytest.mark.gpu
@@ -292,7 +306,9 @@ for length in fc.SPLITS:  # every length's own split and tuned tiles, each disti
                              (1, ("spectral-forward", st.block_c2)), (2, ("synthesis", st.block_c))):
         fn, sig, flags = SIGS[name]
         const = dict(flags, P=st.P, T=st.T, ROWS=st.rows, FP32=False, BLOCK_C=block)
-        key = f"{name} P={st.P} T={st.T} C={block} warps={st.warps[i]}"
+        if name in ("analysis", "synthesis"):
+            const["A_LEFT"] = st.a_left
+        key = f"{name} P={st.P} T={st.T} C={block} warps={st.warps[i]} A_LEFT={const.get('A_LEFT')}"
         if key not in out:
             out[key] = shared(fn, sig, const, st.warps[i], st.stages)
 print(json.dumps(out))

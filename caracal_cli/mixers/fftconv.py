@@ -64,8 +64,11 @@ SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (6
 # ms, default → tuned): 2048 3.30 → 2.33 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64 rows and
 # 128-byte lines); 8192 4.46 → 4.22 and 16384 5.22 → 5.01 (32-channel analysis/synthesis tiles; measured
 # before the spectral kernel's operands were scaled by bounds).
-DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3)
-TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(block_c=32), 16384: dict(block_c=32)}
+# `left`: the left operand of the analysis and synthesis products, whose rows are the tensor cores' M: the data
+# (LEFT_DATA, M = block_c) or the DFT matrix A (LEFT_A, M = P; Hopper's wide instruction needs M ≥ 64).
+LEFT_DATA, LEFT_A = 1, 2
+DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3, left=LEFT_DATA)
+TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(left=LEFT_A), 16384: dict(left=LEFT_A)}
 
 
 def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None = None, impl: str = "auto") -> str:
@@ -212,15 +215,15 @@ def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Ten
 
 
 def _tile_args(block_c: int = 0, block_c2: int = 0, rows_per_prog: int = 0, warps: tuple[int, int, int] | None = None,
-               stages: int = 0, split_p: int = 0) -> tuple:
+               stages: int = 0, split_p: int = 0, left: int = 0) -> tuple:
     """The operators' tile arguments; 0 (and warps None) is the length's tuned setting."""
-    return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages, split_p
+    return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages, split_p, left
 
 
 def _stages(x: torch.Tensor, block_c: int, block_c2: int, rows: int, warps: list[int] | None,
-            stages: int, split_p: int) -> TritonStages:
+            stages: int, split_p: int, left: int) -> TritonStages:
     return TritonStages(x.shape[1], x.device, x.dtype, block_c, block_c2, rows, tuple(warps) if warps else None, stages,
-                        split_p)
+                        split_p, left)
 
 
 def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +236,9 @@ def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tup
 # so that the backward reuses them: it then runs one forward DFT along n1 and two inverse ones, not five.
 @torch.library.custom_op("caracal::monarch_conv", mutates_args=())
 def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
-                 warps: list[int] | None, stages: int, split_p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages, split_p)
+                 warps: list[int] | None, stages: int, split_p: int,
+                 left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages, split_p, left)
     B = v.shape[0]
     z, s = st.analysis([v, g], flip=False)
     kept = torch.empty_like(z)
@@ -246,7 +250,7 @@ def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, 
 
 
 @monarch_conv.register_fake
-def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p):
+def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p, left):
     P, T = split_for(int(v.shape[1]), split_p)  # int(): under dynamic shapes the graph specialises on L
     zdtype = torch.float32 if v.dtype == torch.float32 else torch.float16
     # contiguous, as the kernels write them (empty_like would copy v's strides)
@@ -256,17 +260,18 @@ def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p):
 
 @torch.library.custom_op("caracal::monarch_conv_backward", mutates_args=())
 def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, s: torch.Tensor, block_c: int, block_c2: int,
-                          rows_per_prog: int, warps: list[int] | None, stages: int, split_p: int) -> torch.Tensor:
+                          rows_per_prog: int, warps: list[int] | None, stages: int, split_p: int,
+                          left: int) -> torch.Tensor:
     """[dv; dg] stacked on the batch axis: dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v), from one
     transform of dy and the forward's kept transforms of v and g."""
-    st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages, split_p)
+    st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages, split_p, left)
     B = dy.shape[0]
     w = st.spectral(st.analysis([dy], flip=True), _part((z, s), B, B), _part((z, s), 0, B), transformed=True)
     return st.synthesis(w, flip=True, dtype=dy.dtype)
 
 
 @monarch_conv_backward.register_fake
-def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages, split_p):
+def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages, split_p, left):
     return dy.new_empty((2 * dy.shape[0], *dy.shape[1:]))
 
 
@@ -279,7 +284,7 @@ def _monarch_conv_grad(ctx, dy, _dz, _ds):
     z, s = ctx.saved_tensors
     both = monarch_conv_backward(dy.contiguous(), z, s, *ctx.tiles)
     B = dy.shape[0]
-    return both[:B], both[B:], None, None, None, None, None, None
+    return both[:B], both[B:], None, None, None, None, None, None, None
 
 
 monarch_conv.register_autograd(_monarch_conv_grad, setup_context=_monarch_conv_setup)
@@ -306,18 +311,21 @@ class TritonStages:
 
     def __init__(self, length: int, device, dtype: torch.dtype, block_c: int = 0, block_c2: int = 0,
                  rows_per_prog: int = 0, warps: tuple[int, int, int] | None = None, stages: int = 0,
-                 split_p: int = 0):
+                 split_p: int = 0, left: int = 0):
         self.L = length
         self.P, self.T = split_for(length, split_p)
         self.fp32 = dtype == torch.float32
         self.zdtype = torch.float32 if self.fp32 else torch.float16
         self.A, self.F, self.tw = _kernel_tables(self.P, self.T, str(torch.device(device)), self.fp32)
-        given = dict(block_c=block_c, block_c2=block_c2, rows_per_prog=rows_per_prog, stages=stages)
+        given = dict(block_c=block_c, block_c2=block_c2, rows_per_prog=rows_per_prog, stages=stages, left=left)
         tiles = {**DEFAULT_TILES, **TUNED_TILES.get(padded_length(length), {}),
                  **{k: v for k, v in given.items() if v}}
         self.block_c, self.block_c2 = tiles["block_c"], tiles["block_c2"]
         self.rows = tiles["rows_per_prog"]
         self.stages = tiles["stages"]  # software-pipelining depth of each kernel's loop over rows
+        if tiles["left"] not in (LEFT_DATA, LEFT_A):
+            raise ValueError(f"left={tiles['left']}: {LEFT_DATA} (the data) or {LEFT_A} (the DFT matrix)")
+        self.a_left = tiles["left"] == LEFT_A
         # 8 warps once a program's fp32 tiles pass ~32 KB (registers), else 4
         wide, wide2 = self.P * self.block_c >= 8192, self.T * self.block_c2 >= 4096
         self.warps = warps or (8 if wide else 4, 8 if wide2 else 4, 8 if wide else 4)
@@ -340,7 +348,7 @@ class TritonStages:
             _analysis_kernel[grid](x, z[:, i * B:], peak[i * B:], self.A, self.tw, L, D, x.stride(0), x.stride(1),
                                    z.stride(0),
                                    P=self.P, T=self.T, BLOCK_C=self.block_c, ROWS=rows, FLIP=flip, FP32=self.fp32,
-                                   num_warps=self.warps[0], num_stages=self.stages)
+                                   A_LEFT=self.a_left, num_warps=self.warps[0], num_stages=self.stages)
         return z, peak * math.sqrt(self.P)
 
     def spectral(self, a: tuple, b: tuple, c: tuple | None = None, keep: torch.Tensor | None = None,
@@ -381,7 +389,7 @@ class TritonStages:
         grid = (self.T // rows, triton.cdiv(D, self.block_c), SB)
         _synthesis_kernel[grid](w, scale, y, self.A, self.L, D, w.stride(0), math.sqrt(self.P * self.T),
                                 P=self.P, T=self.T, BLOCK_C=self.block_c, ROWS=rows, FLIP=flip, FP32=self.fp32,
-                                num_warps=self.warps[2], num_stages=self.stages)
+                                A_LEFT=self.a_left, num_warps=self.warps[2], num_stages=self.stages)
         return y
 
 
@@ -416,33 +424,43 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _analysis_kernel(x_ptr, z_ptr, peak_ptr, a_ptr, tw_ptr, L, D, stride_b, stride_t, plane,
                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-                         FLIP: tl.constexpr, FP32: tl.constexpr):
-        """Z[b, k2, n1, c] for ROWS values of n1 and BLOCK_C channels: x[c, n2] @ A^T[n2, k2], then tw; the
-        operand is x / peak[b, c] (|·| ≤ 1), the stored value Z / (√P·peak), which |A| = 1/√P keeps ≤ 1."""
+                         FLIP: tl.constexpr, FP32: tl.constexpr, A_LEFT: tl.constexpr):
+        """Z[b, k2, n1, c] for ROWS values of n1 and BLOCK_C channels: x[c, n2] @ A^T[n2, k2] (or, A_LEFT,
+        A[k2, n2] @ x[n2, c]), then tw; the operand is x / peak[b, c] (|·| ≤ 1), the stored value
+        Z / (√P·peak), which |A| = 1/√P keeps ≤ 1."""
         b = tl.program_id(2).to(tl.int64)  # per-batch bases in int64, offsets inside a tile in int32
         x_ptr += b * stride_b
         z_ptr += b * P * T * D
-        k = tl.arange(0, P)  # n2 of the input columns, k2 of the output columns
+        k = tl.arange(0, P)  # n2 of the input, k2 of the output
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = (c < D)[:, None]
-        at_off = k[None, :] * P + k[:, None]  # A transposed: rows n2, columns k2
-        ar = tl.load(a_ptr + at_off)
-        ai = tl.load(a_ptr + P * P + at_off)
-        inv_peak = 1.0 / tl.load(peak_ptr + b * D + c, mask=c < D, other=1.0)[:, None]
+        if A_LEFT:  # tiles [P, BLOCK_C]
+            kk, cc = k[:, None], c[None, :]
+            a_off = k[:, None] * P + k[None, :]  # rows k2, columns n2
+            zero = tl.zeros((P, BLOCK_C), dtype=tl.float32)
+        else:  # tiles [BLOCK_C, P]
+            kk, cc = k[None, :], c[:, None]
+            a_off = k[None, :] * P + k[:, None]  # A transposed: rows n2, columns k2
+            zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        cmask = cc < D
+        ar = tl.load(a_ptr + a_off)
+        ai = tl.load(a_ptr + P * P + a_off)
+        inv_peak = 1.0 / tl.load(peak_ptr + b * D + cc, mask=cmask, other=1.0)
         inv_root = 1.0 / tl.sqrt(P * 1.0)
-        zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
         for i in range(ROWS):
             n1 = tl.program_id(0) * ROWS + i
-            t = n1 + T * k  # positions n1 + T·n2
+            t = n1 + T * kk  # positions n1 + T·n2
             src = (L - 1 - t) if FLIP else t
-            x = tl.load(x_ptr + (src[None, :] * stride_t + c[:, None]),
-                        mask=(t < L)[None, :] & cmask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + (src * stride_t + cc), mask=(t < L) & cmask, other=0.0).to(tl.float32)
             x = _operand(x * inv_peak, FP32)
-            zr = _mm(x, ar, zero, FP32)
-            zi = _mm(x, ai, zero, FP32)
-            twr = tl.load(tw_ptr + k * T + n1)[None, :] * inv_root
-            twi = tl.load(tw_ptr + P * T + k * T + n1)[None, :] * inv_root
-            off = (k[None, :] * T + n1) * D + c[:, None]
+            if A_LEFT:
+                zr = _mm(ar, x, zero, FP32)
+                zi = _mm(ai, x, zero, FP32)
+            else:
+                zr = _mm(x, ar, zero, FP32)
+                zi = _mm(x, ai, zero, FP32)
+            twr = tl.load(tw_ptr + kk * T + n1) * inv_root
+            twi = tl.load(tw_ptr + P * T + kk * T + n1) * inv_root
+            off = (kk * T + n1) * D + cc
             tl.store(z_ptr + off, (zr * twr - zi * twi).to(z_ptr.dtype.element_ty), mask=cmask)
             tl.store(z_ptr + plane + off, (zr * twi + zi * twr).to(z_ptr.dtype.element_ty), mask=cmask)
 
@@ -578,34 +596,43 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _synthesis_kernel(w_ptr, s_ptr, y_ptr, a_ptr, L, D, plane, scale,
                           P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-                          FLIP: tl.constexpr, FP32: tl.constexpr):
-        """y[b, n1 + T·n2, c] = √Lp · Σ_{k2} (Re W[c, k2] Re A[k2, n2] + Im W Im A) for ROWS values of n1;
-        W arrives scaled, one scale per (k2, c)."""
+                          FLIP: tl.constexpr, FP32: tl.constexpr, A_LEFT: tl.constexpr):
+        """y[b, n1 + T·n2, c] = √Lp · Σ_{k2} (Re W[c, k2] Re A[k2, n2] + Im W Im A) for ROWS values of n1
+        (A_LEFT: Aᵀ[n2, k2] on the left); W arrives scaled, one scale per (k2, c)."""
         b = tl.program_id(2).to(tl.int64)
         w_ptr += b * P * T * D
         s_ptr += b * P * D
         y_ptr += b * L * D
-        k = tl.arange(0, P)
+        k = tl.arange(0, P)  # k2 of the input, n2 of the output
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = (c < D)[:, None]
-        a_off = k[:, None] * P + k[None, :]  # rows k2, columns n2
+        if A_LEFT:  # tiles [P, BLOCK_C]
+            kk, cc = k[:, None], c[None, :]
+            a_off = k[None, :] * P + k[:, None]  # A transposed: rows n2, columns k2
+            zero = tl.zeros((P, BLOCK_C), dtype=tl.float32)
+        else:  # tiles [BLOCK_C, P]
+            kk, cc = k[None, :], c[:, None]
+            a_off = k[:, None] * P + k[None, :]  # rows k2, columns n2
+            zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        cmask = cc < D
         ar = tl.load(a_ptr + a_off)
         ai = tl.load(a_ptr + P * P + a_off)
-        zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
-        w_scale = tl.load(s_ptr + k[None, :] * D + c[:, None], mask=cmask, other=0.0)  # the same for every n1
+        w_scale = tl.load(s_ptr + kk * D + cc, mask=cmask, other=0.0)  # the same for every n1
         for i in range(ROWS):
             n1 = tl.program_id(0) * ROWS + i
-            off = (k[None, :] * T + n1) * D + c[:, None]
+            off = (kk * T + n1) * D + cc
             wr = tl.load(w_ptr + off, mask=cmask, other=0.0).to(tl.float32) * w_scale
             wi = tl.load(w_ptr + plane + off, mask=cmask, other=0.0).to(tl.float32) * w_scale
             if FP32:
-                y = _mm(wi, ai, _mm(wr, ar, zero, FP32), FP32) * scale
-            else:
-                s = _row_scale(wr, wi)
+                s = scale
+            else:  # one scale per channel
+                s = _col_scale(wr, wi) if A_LEFT else _row_scale(wr, wi)
                 inv = 1.0 / s
-                y = _mm((wi * inv).to(tl.float16), ai, _mm((wr * inv).to(tl.float16), ar, zero, FP32), FP32)
-                y = y * (s * scale)
-            t = n1 + T * k
+                wr, wi = (wr * inv).to(tl.float16), (wi * inv).to(tl.float16)
+                s = s * scale
+            if A_LEFT:
+                y = _mm(ai, wi, _mm(ar, wr, zero, FP32), FP32) * s
+            else:
+                y = _mm(wi, ai, _mm(wr, ar, zero, FP32), FP32) * s
+            t = n1 + T * kk
             dst = (L - 1 - t) if FLIP else t
-            tl.store(y_ptr + (dst[None, :] * D + c[:, None]),
-                     y.to(y_ptr.dtype.element_ty), mask=(t < L)[None, :] & cmask)
+            tl.store(y_ptr + (dst * D + cc), y.to(y_ptr.dtype.element_ty), mask=(t < L) & cmask)
