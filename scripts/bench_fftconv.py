@@ -109,26 +109,24 @@ def odd_size_checks() -> dict:
 
 # Bytes per token-channel each stage must move (bf16 inputs and outputs, fp16 complex spectra: 4 bytes each;
 # their scales, one per P or T values, are left out)
-STAGE_BYTES = {"analysis(v,g)": 12, "spectral": 20, "synthesis(y)": 6, "analysis(dy)": 6, "spectral(2 out)": 20,
+STAGE_BYTES = {"analysis(v,g)": 12, "spectral": 12, "synthesis(y)": 6, "analysis(dy)": 6, "spectral(2 out)": 20,
                "synthesis(dv,dg)": 12}
 
 
 def stage_times(v, g, dy, **tiles) -> dict:
     st = fftconv.TritonStages(v.shape[1], v.device, v.dtype, **tiles)
     B = v.shape[0]
-    z, s = st.analysis([v, g], False)
-    kept = torch.empty_like(z)
-    zv, zg = fftconv._part((z, s), 0, B), fftconv._part((z, s), B, B)
-    w = st.spectral(zv, zg, keep=kept)
-    kv, kg = fftconv._part((kept, s), 0, B), fftconv._part((kept, s), B, B)
+    z = st.analysis([v, g], False)
+    zv, zg = fftconv._part(z, 0, B), fftconv._part(z, B, B)
+    w = st.spectral(zv, zg)
     zd = st.analysis([dy], True)
-    w2 = st.spectral(zd, kg, kv, transformed=True)
+    w2 = st.spectral(zd, zg, zv)
     return {
         "analysis(v,g)": ms(lambda: st.analysis([v, g], False)),
-        "spectral": ms(lambda: st.spectral(zv, zg, keep=kept)),
+        "spectral": ms(lambda: st.spectral(zv, zg)),
         "synthesis(y)": ms(lambda: st.synthesis(w, False, v.dtype)),
         "analysis(dy)": ms(lambda: st.analysis([dy], True)),
-        "spectral(2 out)": ms(lambda: st.spectral(zd, kg, kv, transformed=True)),
+        "spectral(2 out)": ms(lambda: st.spectral(zd, zg, zv)),
         "synthesis(dv,dg)": ms(lambda: st.synthesis(w2, True, v.dtype)),
     }
 

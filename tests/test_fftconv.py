@@ -286,15 +286,12 @@ def shared(fn, sig, const, warps, stages):
     return kernel.metadata.shared
 
 ptr = lambda names, kind: {n: kind for n in names.split()}  # noqa: E731
-SPECTRAL = {**ptr("za_ptr zb_ptr zc_ptr out_ptr out2_ptr ka_ptr kb_ptr f_ptr", "*fp16"),
-            **ptr("sa_ptr sb_ptr sc_ptr so_ptr so2_ptr tw_ptr", "*fp32"),
-            **ptr("D plane_a plane_b plane_c plane_o plane_k", "i32")}
 SIGS = {
     "analysis": (fc._analysis_kernel, {**ptr("x_ptr", "*bf16"), **ptr("z_ptr a_ptr", "*fp16"),
                  **ptr("peak_ptr tw_ptr", "*fp32"), **ptr("L D stride_b stride_t plane", "i32")}, dict(FLIP=True)),
-    # the backward's build (two outputs, kept transforms read) and the forward's (transforms kept)
-    "spectral": (fc._spectral_kernel, SPECTRAL, dict(TWO=True, KEEP=False, GIVEN=True)),
-    "spectral-forward": (fc._spectral_kernel, SPECTRAL, dict(TWO=False, KEEP=True, GIVEN=False)),
+    "spectral": (fc._spectral_kernel, {**ptr("za_ptr zb_ptr zc_ptr out_ptr out2_ptr f_ptr", "*fp16"),
+                 **ptr("sa_ptr sb_ptr sc_ptr so_ptr so2_ptr tw_ptr", "*fp32"),
+                 **ptr("D plane_a plane_b plane_c plane_o", "i32")}, dict(TWO=True)),
     "synthesis": (fc._synthesis_kernel, {**ptr("w_ptr a_ptr", "*fp16"), **ptr("s_ptr", "*fp32"),
                   **ptr("y_ptr", "*bf16"), **ptr("L D plane", "i32"), "scale": "fp32"}, dict(FLIP=True)),
 }
@@ -302,8 +299,8 @@ out = {"exact_head": shared(fc._exact_head_kernel, {**ptr("v_ptr g_ptr y_ptr", "
        **ptr("n D v_sb v_st g_sb g_st y_sb y_st", "i32")}, dict(K=fc.EXACT_HEAD, BLOCK_C=32), 4, 3)}
 for length in fc.SPLITS:  # every length's own split and tuned tiles, each distinct build once
     st = fc.TritonStages(length, "cpu", torch.bfloat16)
-    for i, (name, block) in ((0, ("analysis", st.block_c)), (1, ("spectral", st.block_c2)),
-                             (1, ("spectral-forward", st.block_c2)), (2, ("synthesis", st.block_c))):
+    for i, (name, block) in enumerate((("analysis", st.block_c), ("spectral", st.block_c2),
+                                       ("synthesis", st.block_c))):
         fn, sig, flags = SIGS[name]
         const = dict(flags, P=st.P, T=st.T, ROWS=st.rows, FP32=False, BLOCK_C=block)
         if name in ("analysis", "synthesis"):
@@ -328,6 +325,5 @@ def test_kernels_fit_hopper_shared_memory():
     done = subprocess.run([sys.executable, "-c", _SM90_BUILD], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {key.split()[0] for key in shared} == {"analysis", "spectral", "spectral-forward", "exact_head",
-                                                  "synthesis"}
+    assert {key.split()[0] for key in shared} == {"analysis", "spectral", "exact_head", "synthesis"}
     assert all(used <= 232448 for used in shared.values()), shared

@@ -17,9 +17,8 @@ so exactly the k2 < P half is kept: Lp complex numbers per channel, one per toke
 half-sum is the inverse. Spectrum order is scrambled (bin k2 + 2P·k1), which the pointwise product ignores.
 
 Backward: dv_j = Σ_{t≥j} dy_t g_{t−j} is the causal convolution of the reversed dy with g, read reversed; so
-the same three stages run with `flip` on the load of dy and the store of dv, dg. The forward's spectral
-stage keeps the transforms F Z_v and F Z_g it computes, so the backward's transforms along n1 are one of dy
-and two inverse ones (three, where recomputing v's and g's would make five).
+the same three stages run with `flip` on the load of dy and the store of dv, dg, and reuse the forward's
+spectra of v and g.
 
 Precision (bf16/fp16 inputs): spectra are stored in fp16, each row divided by its max |·| (one float32 scale
 per row: per (n1, channel) after analysis, per (k2, channel) after the spectral stage), so nothing overflows;
@@ -62,13 +61,14 @@ SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (6
           16384: (128, 128)}
 # TritonStages' tile settings, and per padded length those that beat them in H200 benches (forward+backward
 # ms, default → tuned): 2048 3.30 → 2.33 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64 rows and
-# 128-byte lines); 8192 4.46 → 4.22 and 16384 5.22 → 5.01 (32-channel analysis/synthesis tiles; measured
-# before the spectral kernel's operands were scaled by bounds).
+# 128-byte lines); 8192 3.24 → 2.80 and 16384 3.87 → 3.39 (A on the left, 8 rows per program; 32-channel
+# tiles with the data on the left, the earlier choice: 3.05 and 3.69).
 # `left`: the left operand of the analysis and synthesis products, whose rows are the tensor cores' M: the data
 # (LEFT_DATA, M = block_c) or the DFT matrix A (LEFT_A, M = P; Hopper's wide instruction needs M ≥ 64).
 LEFT_DATA, LEFT_A = 1, 2
 DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3, left=LEFT_DATA)
-TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(left=LEFT_A), 16384: dict(left=LEFT_A)}
+TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(left=LEFT_A, rows_per_prog=8),
+               16384: dict(left=LEFT_A, rows_per_prog=8)}
 
 
 def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None = None, impl: str = "auto") -> str:
@@ -232,8 +232,8 @@ def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tup
     return z.narrow(1, start, n), s.narrow(0, start, n)
 
 
-# The operator returns the transforms F Z of v and g beside y (values [2, 2B, P, T, D], their scales [2B, D]),
-# so that the backward reuses them: it then runs one forward DFT along n1 and two inverse ones, not five.
+# The operator returns the spectra of v and g beside y (values [2, 2B, P, T, D] and their scales [2B, D]),
+# so that the backward reuses them.
 @torch.library.custom_op("caracal::monarch_conv", mutates_args=())
 def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
                  warps: list[int] | None, stages: int, split_p: int,
@@ -241,12 +241,10 @@ def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, 
     st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages, split_p, left)
     B = v.shape[0]
     z, s = st.analysis([v, g], flip=False)
-    kept = torch.empty_like(z)
-    w = st.spectral(_part((z, s), 0, B), _part((z, s), B, B), keep=kept)
-    del z
+    w = st.spectral(_part((z, s), 0, B), _part((z, s), B, B))
     y = st.synthesis(w, flip=False, dtype=v.dtype)
     st.exact_head(v, g, y)
-    return y, kept, s
+    return y, z, s
 
 
 @monarch_conv.register_fake
@@ -263,10 +261,10 @@ def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, s: torch.Tensor, bl
                           rows_per_prog: int, warps: list[int] | None, stages: int, split_p: int,
                           left: int) -> torch.Tensor:
     """[dv; dg] stacked on the batch axis: dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v), from one
-    transform of dy and the forward's kept transforms of v and g."""
+    transform of dy and the forward's spectra of v and g."""
     st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages, split_p, left)
     B = dy.shape[0]
-    w = st.spectral(st.analysis([dy], flip=True), _part((z, s), B, B), _part((z, s), 0, B), transformed=True)
+    w = st.spectral(st.analysis([dy], flip=True), _part((z, s), B, B), _part((z, s), 0, B))
     return st.synthesis(w, flip=True, dtype=dy.dtype)
 
 
@@ -351,25 +349,21 @@ class TritonStages:
                                    A_LEFT=self.a_left, num_warps=self.warps[0], num_stages=self.stages)
         return z, peak * math.sqrt(self.P)
 
-    def spectral(self, a: tuple, b: tuple, c: tuple | None = None, keep: torch.Tensor | None = None,
-                 transformed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def spectral(self, a: tuple, b: tuple, c: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W for the spectra a and b (and a second output for a and c): values [2, n·B, P, T, D] and scales
-        [n·B, P, D], one per (k2, c). `keep` [2, 2B, P, T, D] receives F Z_a and F Z_b (÷√T, under the
-        inputs' scales) for the backward; `transformed` says that b and c are such kept transforms."""
+        [n·B, P, D], one per (k2, c)."""
         (za, sa), (zb, sb) = a, b
         two = c is not None
         zc, sc = c if two else b
         B, D = za.shape[1], za.shape[-1]
         out = torch.empty(2, (2 if two else 1) * B, self.P, self.T, D, device=za.device, dtype=self.zdtype)
         scale = torch.empty((2 if two else 1) * B, self.P, D, device=za.device, dtype=torch.float32)
-        kept = out if keep is None else keep
         rows = self._rows(self.P)
         grid = (self.P // rows, triton.cdiv(D, self.block_c2), B)
         _spectral_kernel[grid](za, zb, zc, sa, sb, sc, out, out[:, B:] if two else out, scale,
-                               scale[B:] if two else scale, kept, kept[:, B:], self.F, self.tw, D,
-                               za.stride(0), zb.stride(0), zc.stride(0), out.stride(0), kept.stride(0),
+                               scale[B:] if two else scale, self.F, self.tw, D,
+                               za.stride(0), zb.stride(0), zc.stride(0), out.stride(0),
                                P=self.P, T=self.T, BLOCK_C=self.block_c2, ROWS=rows, TWO=two, FP32=self.fp32,
-                               KEEP=keep is not None, GIVEN=transformed,
                                num_warps=self.warps[1], num_stages=self.stages)
         return out, scale
 
@@ -509,31 +503,13 @@ if TRITON_AVAILABLE:
         tl.store(out + plane + off, (yi * inv_root).to(out.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _transform(z, plane, off, cmask, fr, fi, FP32: tl.constexpr, GIVEN: tl.constexpr):
-        """F u for a stored tile u, float32 and |·| ≤ √T; or (GIVEN) a kept F u / √T as it is, |·| ≤ 1."""
-        ur, ui = _load_unit(z, plane, off, cmask)
-        if GIVEN:
-            xr, xi = ur.to(tl.float32), ui.to(tl.float32)
-        else:
-            xr, xi = _dft_cols(fr, fi, ur, ui, FP32, False)
-        return xr, xi
-
-    @triton.jit
-    def _keep(z, plane, off, xr, xi, cmask, T: tl.constexpr):
-        """Store a transform F u (|·| ≤ √T) as F u / √T."""
-        inv_root = 1.0 / tl.sqrt(T * 1.0)
-        tl.store(z + off, (xr * inv_root).to(z.dtype.element_ty), mask=cmask)
-        tl.store(z + plane + off, (xi * inv_root).to(z.dtype.element_ty), mask=cmask)
-
-    @triton.jit
     def _spectral_kernel(za_ptr, zb_ptr, zc_ptr, sa_ptr, sb_ptr, sc_ptr, out_ptr, out2_ptr, so_ptr, so2_ptr,
-                         ka_ptr, kb_ptr, f_ptr, tw_ptr, D, plane_a, plane_b, plane_c, plane_o, plane_k,
+                         f_ptr, tw_ptr, D, plane_a, plane_b, plane_c, plane_o,
                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-                         TWO: tl.constexpr, FP32: tl.constexpr, KEEP: tl.constexpr, GIVEN: tl.constexpr):
+                         TWO: tl.constexpr, FP32: tl.constexpr):
         """For ROWS values of k2 and BLOCK_C channels: W = conj(tw) ⊙ F^H((F Z_a) ⊙ (F Z_b)) along n1
         (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]. Inputs carry one
-        scale per (sample, c), outputs get one per (k2, c). KEEP: also store F Z_a and F Z_b (÷√T, under the
-        inputs' scales) at ka, kb; GIVEN: Z_b and Z_c are such stored transforms (the backward's g and v).
+        scale per (sample, c), outputs get one per (k2, c).
 
         Operands are scaled by bounds, not by each tile's maximum (a reduction across warps per tile): the
         stored inputs u are ≤ 1, so |F u| ≤ √T (entries of F are 1/√T) and the product of two transforms,
@@ -549,19 +525,15 @@ if TRITON_AVAILABLE:
         bound_a = tl.load(sa_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
         bound_b = tl.load(sb_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
         bound_c = tl.load(sc_ptr + b * D + c, mask=c < D, other=1.0)[None, :] if TWO else bound_b
-        if GIVEN:  # a kept transform is F u / √T
-            root = tl.sqrt(T * 1.0)
-            bound_b, bound_c = bound_b * root, bound_c * root
         for i in range(ROWS):
             k2 = tl.program_id(0) * ROWS + i
             base = (b * P + k2) * T * D  # int64; the offsets inside the tile stay int32
             za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
             so_off = (b * P + k2) * D + c[None, :]
-            ar, ai = _transform(za, plane_a, off, cmask, fr, fi, FP32, False)
-            br, bi = _transform(zb, plane_b, off, cmask, fr, fi, FP32, GIVEN)
-            if KEEP:
-                _keep(ka_ptr + base, plane_k, off, ar, ai, cmask, T)
-                _keep(kb_ptr + base, plane_k, off, br, bi, cmask, T)
+            ur, ui = _load_unit(za, plane_a, off, cmask)
+            ar, ai = _dft_cols(fr, fi, ur, ui, FP32, False)
+            ur, ui = _load_unit(zb, plane_b, off, cmask)
+            br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
             twr = tl.load(tw_ptr + k2 * T + n)[:, None]
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
             # |a·b| ≤ T: the product's operands divided by T (a power of two, exact), undone in the stored scale
@@ -570,7 +542,8 @@ if TRITON_AVAILABLE:
             _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
                             bound_a * bound_b * sp, cmask, T)
             if TWO:
-                br, bi = _transform(zc, plane_c, off, cmask, fr, fi, FP32, GIVEN)
+                ur, ui = _load_unit(zc, plane_c, off, cmask)
+                br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
                 pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
                 yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
                 _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
