@@ -76,4 +76,4 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
-                             fused=device.type == "cuda" or None)
+                             fused=device.type in ("cuda", "cpu") or None)

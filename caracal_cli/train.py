@@ -483,6 +483,17 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     start_step, session_start = state.step, time.perf_counter()
     timed_tokens, timed_seconds, step_time = 0, 0.0, None
     last_eval = last_save = -1
+
+    def fetch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batches.batch(step, micro)
+        return to_device(x, dev), to_device(y, dev)
+
+    # The host waits for the GPU once per step, to read its report. Where fused AdamW can skip an update on the
+    # GPU (found_inf: a non-finite loss or gradient norm), the update and the next step's first batch are
+    # queued before that wait, so the GPU does not idle while the host catches up (on an H200, llama-tiny's
+    # GPU idled ~5.6 ms at each step's boundary: launching the update, preparing the batch).
+    update_first = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled() and not sharded
+    ahead: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     console.start(start_step, end_step)
     try:
         with StopRequest() as stop:
@@ -493,8 +504,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=dev)
                 for micro in range(plan.grad_accum):
-                    x, y = batches.batch(step, micro)
-                    x, y = to_device(x, dev), to_device(y, dev)
+                    x, y = ahead.pop((step, micro), None) or fetch(step, micro)
                     with _grad_sync(train_model, micro == plan.grad_accum - 1, sharded):
                         with autocast(dev, tc.dtype):
                             loss = train_model(x, targets=y)
@@ -506,22 +516,32 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                 if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                     grad_norm = grad_norm.full_tensor()
                 # One collective and one wait for the GPU per step: mean loss, the gradient norm (the same on
-                # every rank) and whether any rank was asked to stop; the optimizer then runs while the host
-                # prepares the next step.
+                # every rank) and whether any rank was asked to stop.
                 report = torch.stack([loss_sum / plan.grad_accum, grad_norm.float(),
                                       torch.tensor(float(signal.SIGINT in stop.caught), device=dev),
                                       torch.tensor(float(signal.SIGTERM in stop.caught), device=dev)])
                 if ranks.world_size > 1:
                     dist.all_reduce(report)
+                if update_first:
+                    optimizer.found_inf = (~torch.isfinite(report[:2]).all()).float()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if step + 1 < end_step:
+                    ahead[(step + 1, 0)] = fetch(step + 1, 0)
                 loss_value, grad_norm, sigint, sigterm = report.tolist()
                 loss_value, grad_norm = loss_value / ranks.world_size, grad_norm / ranks.world_size
-                if not math.isfinite(loss_value):
+                # A non-finite gradient norm stops the run too, except under fp16's loss scaler, which skips the
+                # steps whose gradients overflow.
+                checks = [("loss", loss_value)] + ([] if scaler.is_enabled() else [("gradient norm", grad_norm)])
+                bad = [f"{name} is {value}" for name, value in checks if not math.isfinite(value)]
+                if bad:
                     last = latest_checkpoint(run_dir)
-                    raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped before applying it "
+                    raise TrainError(f"{bad[0]} at step {step + 1}; stopped before applying it "
                                      f"(last good checkpoint: {last if last else 'none saved yet'})")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                if not update_first:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
 
                 dt = time.perf_counter() - t0
                 state.step, state.tokens, state.loss = step + 1, state.tokens + plan.tokens_per_step, loss_value

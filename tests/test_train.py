@@ -224,6 +224,27 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint
     assert "loss is nan at step 2" in message and "step_00000001" in message and "Traceback" not in message
 
 
+def test_the_step_that_turned_non_finite_left_the_weights_as_checkpointed(data, tmp_path, monkeypatch):
+    """Where the update is queued before the host reads the loss (fused AdamW, as on a GPU), the optimizer
+    itself skips it: after the stop the weights are step 1's checkpoint, not NaN."""
+    built, build = [], train_module.build_optimizer
+
+    def recording(model, tc, device):
+        built.append((model, build(model, tc, device)))
+        return built[-1][1]
+
+    monkeypatch.setattr(train_module, "build_optimizer", recording)
+    config = load_preset("demo", [*TINY, "train.lr=1e9", "train.warmup_tokens=0", "train.checkpoint_every=1"])
+    with pytest.raises(train_module.TrainError, match="is nan at step 2"):
+        train(config, data, tmp_path / "nan", device="cpu", quiet=True)
+    model, optimizer = built[0]
+    assert optimizer.defaults["fused"]
+    saved = weights(tmp_path / "nan")
+    assert latest_checkpoint(tmp_path / "nan").name == "step_00000001"
+    live = model.state_dict()
+    assert saved and all(torch.equal(live[name], tensor) for name, tensor in saved.items())
+
+
 # --- the command line -----------------------------------------------------------------------------------
 def test_dry_run_prints_the_config_and_the_batch_plan(data):
     result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--dry-run",
