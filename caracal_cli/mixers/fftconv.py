@@ -61,8 +61,8 @@ SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (6
           16384: (128, 128)}
 # TritonStages' tile settings, and per padded length those that beat them in H200 benches (forward+backward
 # ms, default → tuned): 2048 3.30 → 2.33 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64 rows and
-# 128-byte lines); 8192 3.24 → 2.80 and 16384 3.87 → 3.39 (A on the left, 8 rows per program; 32-channel
-# tiles with the data on the left, the earlier choice: 3.05 and 3.69).
+# 128-byte lines); 8192 3.19 → 2.78 and 16384 3.94 → 3.49 (A on the left, 8 rows per program; 32-channel
+# tiles with the data on the left, the earlier choice: 3.00 and 3.78).
 # `left`: the left operand of the analysis and synthesis products, whose rows are the tensor cores' M: the data
 # (LEFT_DATA, M = block_c) or the DFT matrix A (LEFT_A, M = P; Hopper's wide instruction needs M ≥ 64).
 LEFT_DATA, LEFT_A = 1, 2
