@@ -20,9 +20,11 @@ Backward: dv_j = Σ_{t≥j} dy_t g_{t−j} is the causal convolution of the reve
 the same three stages run with `flip` on the load of dy and the store of dv, dg, and reuse the forward's
 spectra of v and g.
 
-Precision (bf16/fp16 inputs): spectra are stored in fp16, each row divided by its max |·| (one float32 scale
-per row: per (n1, channel) after analysis, per (k2, channel) after the spectral stage), so nothing overflows;
-every tensor-core operand is fp16 with one scale per channel; products accumulate in fp32. A float64
+Precision (bf16/fp16 inputs): spectra are stored in fp16 under float32 scales, so nothing overflows: after
+analysis one per sample and channel (√P·max_t |x|, a bound known before the transform), after the spectral
+stage one per (k2, channel) (each product of two transforms divided by its own maximum, since the product of
+two spectra scaled by bounds can fall below fp16's normal range); every tensor-core operand is fp16 with one
+scale per channel; products accumulate in fp32. A float64
 emulation of these roundings gives a relative error of ≈1.8e-3 against float64, about the bf16 output's own
 rounding. That error is spread evenly over positions, so its share of y_t falls as 1/√t; the forward's first
 EXACT_HEAD outputs are therefore summed directly (a small kernel), which keeps every position under 1e-2 (at
