@@ -98,12 +98,14 @@ def softmax_grad_reference(logits: torch.Tensor, targets: torch.Tensor, vocab: i
     return loss
 
 
-def softmax_grad_triton(logits: torch.Tensor, targets: torch.Tensor, vocab: int, grad: bool) -> torch.Tensor:
-    """`softmax_grad_reference` as one Triton kernel: a program per row, two passes over its logits."""
+def softmax_grad_triton(logits: torch.Tensor, targets: torch.Tensor, vocab: int, grad: bool, block: int = 4096,
+                        warps: int = 8) -> torch.Tensor:
+    """`softmax_grad_reference` as one Triton kernel: a program per row, two passes over its logits, `block`
+    columns at a time (`scripts/bench_loss.py` times other blocks and warps)."""
     assert logits.stride(1) == 1 and targets.is_contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     _softmax_grad_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, loss, vocab, logits.shape[1],
-                                             GRAD=grad, BLOCK=4096, num_warps=8)
+                                             GRAD=grad, BLOCK=block, num_warps=warps)
     return loss
 
 

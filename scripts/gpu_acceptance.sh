@@ -11,6 +11,8 @@
 #   bash scripts/gpu_acceptance.sh mfu      # profiles of llama-tiny and tiny at micro-batch 32/64, compile modes
 #   bash scripts/gpu_acceptance.sh trainer-mfu  # caracal train's own wall-clock MFU, llama-tiny and tiny, the
 #                                           # presets' full recipe (524,288 tokens per step: 16 micro-batches)
+#   bash scripts/gpu_acceptance.sh loss     # the loss's softmax-gradient kernel per block and warps, the whole
+#                                           # chunked loss per chunk size (scripts/bench_loss.py)
 #   bash scripts/gpu_acceptance.sh scale    # tiny with MHF's scale=mean and =sqrt; memory per preset at 24 GB
 #   bash scripts/gpu_acceptance.sh ablate   # the MHF:SWA ratio study at the tiny size
 #
@@ -19,7 +21,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|mfu|trainer-mfu|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|mfu|trainer-mfu|loss|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -109,6 +111,11 @@ trainer-mfu)
     done
     collect "$WORK"/metrics_trainer_*.jsonl "$WORK"/trainer_*.log "$WORK/status.log"
     cat "$WORK/status.log"
+    ;;
+loss)
+    step bench_loss 150 env OUT="$WORK" python3 scripts/bench_loss.py
+    collect "$WORK"/{bench_loss,status}.log "$WORK/bench_loss.json"
+    cat "$WORK/bench_loss.log"
     ;;
 scale)
     for scale in mean sqrt; do
