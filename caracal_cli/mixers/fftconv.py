@@ -538,7 +538,7 @@ if TRITON_AVAILABLE:
             br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
             twr = tl.load(tw_ptr + k2 * T + n)[:, None]
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
-            # |a·b| ≤ T: the product's operands divided by T (a power of two, exact), undone in the stored scale
+            # the product of two transforms, as operands of column maximum 1 (`_unit_product`)
             pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
             yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
             _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
