@@ -493,6 +493,12 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     # queued before that wait, so the GPU does not idle while the host catches up (on an H200, llama-tiny's
     # GPU idled ~5.6 ms at each step's boundary: launching the update, preparing the batch).
     update_first = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled() and not sharded
+
+    def update() -> None:
+        scaler.step(optimizer)  # the optimizer's own step when the scaler is off (bf16, float32)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
     ahead: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     console.start(start_step, end_step)
     try:
@@ -524,8 +530,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     dist.all_reduce(report)
                 if update_first:
                     optimizer.found_inf = (~torch.isfinite(report[:2]).all()).float()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    update()
                 if step + 1 < end_step:
                     ahead[(step + 1, 0)] = fetch(step + 1, 0)
                 loss_value, grad_norm, sigint, sigterm = report.tolist()
@@ -539,9 +544,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     raise TrainError(f"{bad[0]} at step {step + 1}; stopped before applying it "
                                      f"(last good checkpoint: {last if last else 'none saved yet'})")
                 if not update_first:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    update()
 
                 dt = time.perf_counter() - t0
                 state.step, state.tokens, state.loss = step + 1, state.tokens + plan.tokens_per_step, loss_value

@@ -136,7 +136,7 @@ ablate)
     cat "$WORK/ablate/ablation.md"
     ;;
 *)
-    echo "unknown part $part (tests, bench, speed, speed-ssm, train, mfu, trainer-mfu, scale or ablate)" >&2
+    echo "unknown part $part (tests, bench, speed, speed-ssm, train, mfu, trainer-mfu, loss, scale or ablate)" >&2
     exit 2
     ;;
 esac

@@ -418,6 +418,20 @@ if TRITON_AVAILABLE:
         return x if FP32 else x.to(tl.float16)
 
     @triton.jit
+    def _layout(P: tl.constexpr, BLOCK_C: tl.constexpr, A_LEFT: tl.constexpr):
+        """Analysis and synthesis tiles: [P, BLOCK_C] with A on the left, else [BLOCK_C, P]. Returns the index
+        along P, it and this program's channels as broadcastable columns or rows (kk, cc), and a zero tile."""
+        k = tl.arange(0, P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        if A_LEFT:
+            kk, cc = k[:, None], c[None, :]
+            zero = tl.zeros((P, BLOCK_C), dtype=tl.float32)
+        else:
+            kk, cc = k[None, :], c[:, None]
+            zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        return k, kk, cc, zero
+
+    @triton.jit
     def _analysis_kernel(x_ptr, z_ptr, peak_ptr, a_ptr, tw_ptr, L, D, stride_b, stride_t, plane,
                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                          FLIP: tl.constexpr, FP32: tl.constexpr, A_LEFT: tl.constexpr):
@@ -427,16 +441,9 @@ if TRITON_AVAILABLE:
         b = tl.program_id(2).to(tl.int64)  # per-batch bases in int64, offsets inside a tile in int32
         x_ptr += b * stride_b
         z_ptr += b * P * T * D
-        k = tl.arange(0, P)  # n2 of the input, k2 of the output
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        if A_LEFT:  # tiles [P, BLOCK_C]
-            kk, cc = k[:, None], c[None, :]
-            a_off = k[:, None] * P + k[None, :]  # rows k2, columns n2
-            zero = tl.zeros((P, BLOCK_C), dtype=tl.float32)
-        else:  # tiles [BLOCK_C, P]
-            kk, cc = k[None, :], c[:, None]
-            a_off = k[None, :] * P + k[:, None]  # A transposed: rows n2, columns k2
-            zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        k, kk, cc, zero = _layout(P, BLOCK_C, A_LEFT)  # k: n2 of the input, k2 of the output
+        # A as the left operand: rows k2, columns n2; as the right one, transposed
+        a_off = k[:, None] * P + k[None, :] if A_LEFT else k[None, :] * P + k[:, None]
         cmask = cc < D
         ar = tl.load(a_ptr + a_off)
         ai = tl.load(a_ptr + P * P + a_off)
@@ -578,16 +585,9 @@ if TRITON_AVAILABLE:
         w_ptr += b * P * T * D
         s_ptr += b * P * D
         y_ptr += b * L * D
-        k = tl.arange(0, P)  # k2 of the input, n2 of the output
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        if A_LEFT:  # tiles [P, BLOCK_C]
-            kk, cc = k[:, None], c[None, :]
-            a_off = k[None, :] * P + k[:, None]  # A transposed: rows n2, columns k2
-            zero = tl.zeros((P, BLOCK_C), dtype=tl.float32)
-        else:  # tiles [BLOCK_C, P]
-            kk, cc = k[None, :], c[:, None]
-            a_off = k[:, None] * P + k[None, :]  # rows k2, columns n2
-            zero = tl.zeros((BLOCK_C, P), dtype=tl.float32)
+        k, kk, cc, zero = _layout(P, BLOCK_C, A_LEFT)  # k: k2 of the input, n2 of the output
+        # A as the left operand: transposed, rows n2, columns k2; as the right one, rows k2, columns n2
+        a_off = k[None, :] * P + k[:, None] if A_LEFT else k[:, None] * P + k[None, :]
         cmask = cc < D
         ar = tl.load(a_ptr + a_off)
         ai = tl.load(a_ptr + P * P + a_off)
