@@ -109,6 +109,15 @@ def softmax_grad_triton(logits: torch.Tensor, targets: torch.Tensor, vocab: int,
     return loss
 
 
+def accumulate_grad_w(grad_w: torch.Tensor, logits: torch.Tensor, hc: torch.Tensor) -> torch.Tensor:
+    """grad_w + logitsᵀ @ hc in grad_w's dtype. On CUDA with half operands, one GEMM whose epilogue adds into
+    float32 (`out_dtype`). Elsewhere the product is formed in the operands' dtype, then cast and added: three
+    more passes over a [vocab, d] tensor per chunk, and a rounding more (scripts/bench_loss.py times both)."""
+    if grad_w.is_cuda and logits.dtype in (torch.float16, torch.bfloat16) and grad_w.dtype == torch.float32:
+        return torch.addmm(grad_w, logits.t(), hc, out_dtype=torch.float32)
+    return grad_w.add_((logits.t() @ hc).to(grad_w.dtype))
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of h @ wᵀ whose gradients are computed chunk by chunk in the forward pass."""
 
@@ -126,7 +135,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 torch.mm(logits, w, out=grad_h[i:i + chunk])
             if grad_w is not None:
-                grad_w += (logits.t() @ hc).to(acc)
+                grad_w = accumulate_grad_w(grad_w, logits, hc)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w[:vocab])
         ctx.dtypes = h.dtype, weight.dtype
         return total

@@ -37,5 +37,6 @@ def test_bench_loss_times_every_kernel_variant_and_chunk_size(tmp_path):
     report = json.loads((tmp_path / "bench_loss.json").read_text())
     assert report["info"]["chunk_rows"] == 128 and report["info"]["vocab"] == 1000
     assert len(report["kernel"]) == 12 and all(r["ms"] > 0 for r in report["kernel"].values())
-    assert len(report["loss"]) == 3 and all(r["ms_fwd_bwd"] > 0 for r in report["loss"].values())
+    assert len(report["loss"]) == 6 and all(r["ms_fwd_bwd"] > 0 for r in report["loss"].values())
+    assert {name.split("grad_w ")[1] for name in report["loss"]} == {"addmm", "cast+add"}
     assert "softmax-gradient kernel, block 4096 warps 8" in run.stdout

@@ -4,7 +4,7 @@ PyTorch does. Compare the two on the GPU (skipped without CUDA) at GPT-2's vocab
 import pytest
 import torch
 
-from caracal_cli.loss import loss_path, next_token_loss, softmax_grad_reference, softmax_grad_triton
+from caracal_cli.loss import accumulate_grad_w, loss_path, next_token_loss, softmax_grad_reference, softmax_grad_triton
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton loss)")]
 
@@ -38,3 +38,16 @@ def test_fused_loss_and_gradients_equal_the_reference_under_autocast():
     for got, want in zip(results["auto"], results["torch"], strict=True):
         assert got.dtype == want.dtype
         assert ((got - want).norm() / want.norm()).item() < 1e-3
+
+
+def test_head_gradient_accumulates_in_float32_in_one_gemm():
+    """accumulate_grad_w's CUDA form (addmm into float32) against the float64 sum of the chunks' products."""
+    torch.manual_seed(0)
+    chunks = [(torch.randn(1000, 384, device="cuda").bfloat16(), torch.randn(1000, 256, device="cuda").bfloat16())
+              for _ in range(3)]
+    grad_w = torch.zeros(384, 256, device="cuda")
+    for logits, hc in chunks:
+        grad_w = accumulate_grad_w(grad_w, logits, hc)
+    want = sum(logits.double().t() @ hc.double() for logits, hc in chunks)
+    assert grad_w.dtype == torch.float32
+    assert ((grad_w.double() - want).norm() / want.norm()).item() < 1e-5
