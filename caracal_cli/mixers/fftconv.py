@@ -479,12 +479,14 @@ if TRITON_AVAILABLE:
         float32 operands); float32 out, each |·| ≤ √T. Here F is the left operand: M = T = 128 rows keep the
         tensor cores' wide instruction with few channels per program."""
         zero = tl.zeros(ur.shape, dtype=tl.float32)
-        # chained accumulators: two live [T, C] products instead of four
+        # Chained accumulators: two live [T, C] products instead of four. A difference negates the first
+        # product (registers), not an operand: the operands sit in shared memory for the tensor cores, and a
+        # negated one took a round trip through registers and back.
         if INVERSE:  # (fr − i·fi)(ur + i·ui) = (fr·ur + fi·ui) + i(fr·ui − fi·ur)
             outr = _mm(fi, ui, _mm(fr, ur, zero, FP32), FP32)
-            outi = _mm(fi, -ur, _mm(fr, ui, zero, FP32), FP32)
+            outi = _mm(fr, ui, -_mm(fi, ur, zero, FP32), FP32)
         else:  # (fr + i·fi)(ur + i·ui) = (fr·ur − fi·ui) + i(fr·ui + fi·ur)
-            outr = _mm(fi, -ui, _mm(fr, ur, zero, FP32), FP32)
+            outr = _mm(fr, ur, -_mm(fi, ui, zero, FP32), FP32)
             outi = _mm(fi, ur, _mm(fr, ui, zero, FP32), FP32)
         return outr, outi
 
