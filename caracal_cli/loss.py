@@ -115,6 +115,11 @@ def accumulate_grad_w(grad_w: torch.Tensor, logits: torch.Tensor, hc: torch.Tens
     more passes over a [vocab, d] tensor per chunk, and a rounding more (scripts/bench_loss.py times both)."""
     if grad_w.is_cuda and logits.dtype in (torch.float16, torch.bfloat16) and grad_w.dtype == torch.float32:
         return torch.addmm(grad_w, logits.t(), hc, out_dtype=torch.float32)
+    return cast_then_add(grad_w, logits, hc)
+
+
+def cast_then_add(grad_w: torch.Tensor, logits: torch.Tensor, hc: torch.Tensor) -> torch.Tensor:
+    """grad_w += logitsᵀ @ hc with the product in the operands' dtype (any device)."""
     return grad_w.add_((logits.t() @ hc).to(grad_w.dtype))
 
 

@@ -5,7 +5,7 @@ d = 512, GPT-2's vocabulary, bf16).
 The kernel reads each row twice and writes it once. With fewer, wider programs in flight, a row may still be
 in L2 when it is read the second time; the table gives each variant's time and its bandwidth counted as three
 passes, against a measured copy. The whole loss runs with the head's gradient accumulated both ways: one GEMM
-adding into float32 (`loss.accumulate_grad_w`) and the earlier product, cast and add.
+adding into float32 (`loss.accumulate_grad_w`) and the earlier product, cast and add (`loss.cast_then_add`).
 
     PYTHONPATH=$PWD python3 scripts/bench_loss.py [--rows 32768] [--d 512]
 
@@ -32,11 +32,6 @@ def ms(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def cast_then_add(grad_w: torch.Tensor, logits: torch.Tensor, hc: torch.Tensor) -> torch.Tensor:
-    """The head's gradient accumulated as before `loss.accumulate_grad_w`: product, cast, add."""
-    return grad_w.add_((logits.t() @ hc).to(grad_w.dtype))
 
 
 def main() -> None:
@@ -69,7 +64,7 @@ def main() -> None:
     weight = (torch.randn(vocab, args.d, device=device) * 0.02).requires_grad_()
     tokens = torch.randint(0, vocab, (args.rows // 512, 512), device=device)
     fused_add = L.accumulate_grad_w
-    for add_name, add in (("addmm", fused_add), ("cast+add", cast_then_add)):
+    for add_name, add in (("addmm", fused_add), ("cast+add", L.cast_then_add)):
         L.accumulate_grad_w = add  # the loss looks it up per chunk
         for elements in (1 << 27, 1 << 28, 1 << 29):
             rows = max(L.ROW_ALIGN, elements // width // L.ROW_ALIGN * L.ROW_ALIGN)
