@@ -3,6 +3,8 @@
 #
 #   bash scripts/gpu_acceptance.sh tests    # GPU tests and the FFT-convolution bench
 #   bash scripts/gpu_acceptance.sh bench    # the bench's sweep of tile settings and (P, T) splits, every length
+#   OTHER=DIR bash scripts/gpu_acceptance.sh compare  # the FFT-convolution bench of another tree (a copy of a
+#                                           # branch in an ignored, carried folder) and of this one, in one run
 #   bash scripts/gpu_acceptance.sh speed    # caracal speed, small size, every mode: llama, caracal (both FFT
 #                                           # paths), swh
 #   bash scripts/gpu_acceptance.sh speed-ssm  # the same for mamba, mamba2 and jamba (mamba_ssm's Triton kernels
@@ -21,7 +23,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|speed|speed-ssm|train|mfu|trainer-mfu|loss|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|train|mfu|trainer-mfu|loss|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -57,6 +59,16 @@ bench)
         --sweep 512 1024 2048 4096 8192 16384 --mhf 2048 16384 --swa
     collect "$WORK"/{bench,status}.log "$WORK/bench_fftconv.json"
     tail -n 40 "$WORK/bench.log"
+    ;;
+compare)
+    # Before and after on the same machine in one run: every length, no sweep. OTHER's own scripts and package.
+    other=$(realpath "${OTHER:?set OTHER to the other tree}") || exit 2
+    step bench_other 200 env -C "$other" PYTHONPATH="$other" python3 scripts/bench_fftconv.py --sweep --mhf --swa
+    step bench 200 env OUT="$WORK" python3 scripts/bench_fftconv.py --sweep --mhf --swa
+    collect "$WORK"/{bench_other,bench,status}.log "$WORK/bench_fftconv.json"
+    for log in bench_other bench; do
+        echo "== $log"; grep -hE "^(triton fast|flash|torch.fft)|^stages|max rel" "$WORK/$log.log"
+    done
     ;;
 speed|speed-ssm)
     # One run per model, each with its own limit; a run stopped at its limit keeps the models it finished.
@@ -136,7 +148,7 @@ ablate)
     cat "$WORK/ablate/ablation.md"
     ;;
 *)
-    echo "unknown part $part (tests, bench, speed, speed-ssm, train, mfu, trainer-mfu, loss, scale or ablate)" >&2
+    echo "unknown part $part (tests, bench, compare, speed, speed-ssm, train, mfu, trainer-mfu, loss, scale or ablate)" >&2
     exit 2
     ;;
 esac
