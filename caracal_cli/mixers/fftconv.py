@@ -522,9 +522,9 @@ if TRITON_AVAILABLE:
         (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]. Inputs carry one
         scale per (sample, c), outputs get one per (k2, c).
 
-        Operands are scaled by bounds, not by each tile's maximum (a reduction across warps per tile): the
-        stored inputs u are ≤ 1, so |F u| ≤ √T (entries of F are 1/√T) and the product of two transforms,
-        divided by T, is ≤ 1 again."""
+        The stored inputs u are ≤ 1 and are used as they are: |F u| ≤ √T (entries of F are 1/√T). The product
+        of two transforms is divided by its own column maximum (`_unit_product`), the one reduction across
+        warps per product: a bound (T) would leave it below fp16's normal range."""
         b = tl.program_id(2).to(tl.int64)
         n = tl.arange(0, T)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
