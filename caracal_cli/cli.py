@@ -259,6 +259,7 @@ def train(
     saves a checkpoint and exits 130 or 143."""
     import os
     import signal
+    import sys
 
     from caracal_cli import train as trainer
 
@@ -287,8 +288,17 @@ def train(
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
             raise typer.Exit(1) from None
         raise
-    if result["stopped_by"]:
-        raise typer.Exit(128 + getattr(signal, result["stopped_by"]))
+    code = 128 + getattr(signal, result["stopped_by"]) if result["stopped_by"] else 0
+    if "LOCAL_RANK" in os.environ and world > 1:
+        # A torchrun worker whose files are all written and closed ends here: interpreter shutdown could free
+        # leftover communication objects whose C++ threads then need the GIL, which aborts the process
+        # (seen once in CI: rank 1 of an FSDP2 run on gloo, after a complete run, "terminate called without
+        # an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise typer.Exit(code)
 
 
 # --- eval -------------------------------------------------------------------------------------------------

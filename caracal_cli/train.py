@@ -14,6 +14,7 @@ last good checkpoint, before the optimizer applies the bad step).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -353,6 +354,9 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
         if board is not None:
             board.close()
         if created_group:
+            # FSDP2's hooks keep the model, its DTensors and the device mesh in reference cycles: collect them
+            # while the group still exists, so that none of its work is freed during interpreter shutdown.
+            gc.collect()
             dist.destroy_process_group()
 
 

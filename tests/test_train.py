@@ -72,6 +72,11 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=120, env={**os.environ, **(env or {})})
 
 
+def outputs(result: subprocess.CompletedProcess) -> str:
+    """Both streams' ends: a torchrun worker's last words are in stdout, the launcher's in stderr."""
+    return f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
 def tiny_args(*extra: str) -> list[str]:
     return [arg for item in [*TINY, *extra] for arg in ("--set", item)]
 
@@ -191,7 +196,7 @@ def test_torchrun_ddp_on_cpu_matches_one_process(data, straight, tmp_path):
     to float rounding."""
     ddp = cli("train", "--preset", "demo", "--data", str(data), "--out", str(tmp_path / "ddp"),
               "--nproc-per-node", "2", "--device", "cpu", "--max-steps", "4", *tiny_args())
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, outputs(ddp)
     assert "world size 2 (ddp)" in ddp.stdout
     assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(straight["run_dir"])[:4], rel=1e-4)
     norms = [[r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r][:4]
@@ -203,10 +208,10 @@ def test_fsdp2_on_cpu_checkpoints_full_state_and_resumes(data, straight, tmp_pat
     run, launch = tmp_path / "fsdp", ["--nproc-per-node", "2", "--device", "cpu"]
     first = cli("train", "--preset", "demo", "--data", str(data), "--out", str(run), *launch, "--max-steps", "2",
                 *tiny_args("train.parallel=fsdp"))
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, outputs(first)
     assert "world size 2 (fsdp)" in first.stdout
     again = cli("train", "--resume", str(run), *launch, "--max-steps", "4")
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, outputs(again)
     assert "resumed from step_00000002" in again.stdout
     assert train_losses(run) == pytest.approx(train_losses(straight["run_dir"])[:4], rel=1e-4)
     model, config, _, _ = load_model(run)  # the gathered checkpoint is an ordinary one
