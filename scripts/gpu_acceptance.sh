@@ -3,8 +3,8 @@
 #
 #   bash scripts/gpu_acceptance.sh tests    # GPU tests and the FFT-convolution bench
 #   bash scripts/gpu_acceptance.sh bench    # the bench's sweep of tile settings and (P, T) splits, every length
-#   OTHER=DIR bash scripts/gpu_acceptance.sh compare  # the FFT-convolution bench of another tree (a copy of a
-#                                           # branch in an ignored, carried folder) and of this one, in one run
+#   OTHER="DIR …" bash scripts/gpu_acceptance.sh compare  # the FFT-convolution bench of other trees (copies
+#                                           # of branches in ignored, carried folders) and of this one, one run
 #   bash scripts/gpu_acceptance.sh speed    # caracal speed, small size, every mode: llama, caracal (both FFT
 #                                           # paths), swh
 #   bash scripts/gpu_acceptance.sh speed-ssm  # the same for mamba, mamba2 and jamba (mamba_ssm's Triton kernels
@@ -61,12 +61,20 @@ bench)
     tail -n 40 "$WORK/bench.log"
     ;;
 compare)
-    # Before and after on the same machine in one run: every length, no sweep. OTHER's own scripts and package.
-    other=$(realpath "${OTHER:?set OTHER to the other tree}") || exit 2
-    step bench_other 200 env -C "$other" PYTHONPATH="$other" python3 scripts/bench_fftconv.py --sweep --mhf --swa
+    # Before and after on the same machine in one run: every length, no sweep. Each tree in OTHER (up to five,
+    # space-separated) runs its own scripts and package; this tree runs last.
+    logs=()
+    for dir in ${OTHER:?set OTHER to the other trees}; do
+        other=$(realpath "$dir") || exit 2
+        name=bench_$(basename "$other")
+        step "$name" 200 env -C "$other" PYTHONPATH="$other" python3 scripts/bench_fftconv.py --sweep --mhf --swa
+        logs+=("$name")
+    done
     step bench 200 env OUT="$WORK" python3 scripts/bench_fftconv.py --sweep --mhf --swa
-    collect "$WORK"/{bench_other,bench,status}.log "$WORK/bench_fftconv.json"
-    for log in bench_other bench; do
+    logs+=(bench)
+    files=("${logs[@]/#/$WORK/}")
+    collect "${files[@]/%/.log}" "$WORK/status.log" "$WORK/bench_fftconv.json"
+    for log in "${logs[@]}"; do
         echo "== $log"; grep -hE "^(triton fast|flash|torch.fft)|^stages|max rel" "$WORK/$log.log"
     done
     ;;
