@@ -290,10 +290,10 @@ def train(
         raise
     code = 128 + getattr(signal, result["stopped_by"]) if result["stopped_by"] else 0
     if "LOCAL_RANK" in os.environ and world > 1:
-        # A torchrun worker whose files are all written and closed ends here: interpreter shutdown could free
-        # leftover communication objects whose C++ threads then need the GIL, which aborts the process
-        # (seen once in CI: rank 1 of an FSDP2 run on gloo, after a complete run, "terminate called without
-        # an active exception").
+        # A torchrun worker whose files are all written and closed ends here, without interpreter shutdown:
+        # that could free leftover communication objects whose C++ threads then need the GIL, which aborts
+        # the process (seen once in CI: rank 1 of a resumed FSDP2 run on gloo exited with "terminate called
+        # without an active exception").
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
