@@ -161,8 +161,9 @@ def torchrun_command(child_args: list[str], nproc_per_node: int, nnodes: int = 1
 
 def launch(cmd: list[str]) -> int:
     """Run torchrun and return its exit status. Ctrl-C reaches the workers directly (same process group);
-    they save a checkpoint and stop, so this process only waits; a SIGTERM is passed on."""
-    proc = subprocess.Popen(cmd)
+    they save a checkpoint and stop, so this process only waits; a SIGTERM is passed on. A worker that dies of
+    a fatal signal (a C++ abort, a segfault) prints every thread's Python stack first (faulthandler)."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONFAULTHANDLER": os.environ.get("PYTHONFAULTHANDLER", "1")})
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))}
     try:
