@@ -474,20 +474,24 @@ if TRITON_AVAILABLE:
         return tl.where(m > 0, m, 1.0)[None, :]
 
     @triton.jit
-    def _dft_cols(fr, fi, ur, ui, FP32: tl.constexpr, INVERSE: tl.constexpr):
-        """F @ u (or conj(F) @ u) for F = fr + i·fi [T, T] and u = ur + i·ui [T, C] with |u| ≤ 1 (fp16 or
-        float32 operands); float32 out, each |·| ≤ √T. Here F is the left operand: M = T = 128 rows keep the
-        tensor cores' wide instruction with few channels per program."""
-        zero = tl.zeros(ur.shape, dtype=tl.float32)
-        # Chained accumulators: two live [T, C] products instead of four. A difference negates the first
-        # product (registers), not an operand: the operands sit in shared memory for the tensor cores, and a
-        # negated one took a round trip through registers and back.
+    def _halves(x, T: tl.constexpr):
+        """Rows 0…T−1 and T…2T−1 of a [2T, C] tile. The tensor cores' layout gives a thread row r and r + T
+        together, so the split stays in registers."""
+        return tl.split(tl.permute(tl.reshape(x, (2, T, x.shape[1])), (1, 2, 0)))
+
+    @triton.jit
+    def _dft_cols(fs, ur, ui, T: tl.constexpr, FP32: tl.constexpr, INVERSE: tl.constexpr):
+        """F @ u (or conj(F) @ u) for F = fr + i·fi, given stacked as fs = [fr; fi] [2T, T], and u = ur + i·ui
+        [T, C] with |u| ≤ 1 (fp16 or float32 operands); float32 out, each |·| ≤ √T. Two products with M = 2T,
+        each against one part of u, instead of four chained ones with M = T: the tensor cores are waited for
+        after each product, so fewer, larger products keep them busier."""
+        zero = tl.zeros((2 * T, ur.shape[1]), dtype=tl.float32)
+        fr_ur, fi_ur = _halves(_mm(fs, ur, zero, FP32), T)
+        fr_ui, fi_ui = _halves(_mm(fs, ui, zero, FP32), T)
         if INVERSE:  # (fr − i·fi)(ur + i·ui) = (fr·ur + fi·ui) + i(fr·ui − fi·ur)
-            outr = _mm(fi, ui, _mm(fr, ur, zero, FP32), FP32)
-            outi = _mm(fr, ui, -_mm(fi, ur, zero, FP32), FP32)
+            outr, outi = fr_ur + fi_ui, fr_ui - fi_ur
         else:  # (fr + i·fi)(ur + i·ui) = (fr·ur − fi·ui) + i(fr·ui + fi·ur)
-            outr = _mm(fr, ur, -_mm(fi, ui, zero, FP32), FP32)
-            outi = _mm(fi, ur, _mm(fr, ui, zero, FP32), FP32)
+            outr, outi = fr_ur - fi_ui, fr_ui + fi_ur
         return outr, outi
 
     @triton.jit
@@ -529,9 +533,8 @@ if TRITON_AVAILABLE:
         n = tl.arange(0, T)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = (c < D)[None, :]
-        f_off = n[:, None] * T + n[None, :]
-        fr = _operand(tl.load(f_ptr + f_off), FP32)
-        fi = _operand(tl.load(f_ptr + T * T + f_off), FP32)
+        # F's table [2, T, T] (re, im) read as one [2T, T] matrix [fr; fi]
+        fs = _operand(tl.load(f_ptr + tl.arange(0, 2 * T)[:, None] * T + n[None, :]), FP32)
         off = n[:, None] * D + c[None, :]
         bound_a = tl.load(sa_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
         bound_b = tl.load(sb_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
@@ -542,21 +545,21 @@ if TRITON_AVAILABLE:
             za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
             so_off = (b * P + k2) * D + c[None, :]
             ur, ui = _load_unit(za, plane_a, off, cmask)
-            ar, ai = _dft_cols(fr, fi, ur, ui, FP32, False)
+            ar, ai = _dft_cols(fs, ur, ui, T, FP32, False)
             ur, ui = _load_unit(zb, plane_b, off, cmask)
-            br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
+            br, bi = _dft_cols(fs, ur, ui, T, FP32, False)
             twr = tl.load(tw_ptr + k2 * T + n)[:, None]
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
             # the product of two transforms, as operands of column maximum 1 (`_unit_product`)
             pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
-            yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
+            yr, yi = _dft_cols(fs, pr, pi, T, FP32, True)
             _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
                             bound_a * bound_b * sp, cmask, T)
             if TWO:
                 ur, ui = _load_unit(zc, plane_c, off, cmask)
-                br, bi = _dft_cols(fr, fi, ur, ui, FP32, False)
+                br, bi = _dft_cols(fs, ur, ui, T, FP32, False)
                 pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
-                yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
+                yr, yi = _dft_cols(fs, pr, pi, T, FP32, True)
                 _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
                                 bound_a * bound_c * sp, cmask, T)
 
