@@ -408,12 +408,6 @@ if TRITON_AVAILABLE:
         return out
 
     @triton.jit
-    def _row_scale(xr, xi):
-        """One scale per row (a channel's sequence), max |·| over re and im (1 for an all-zero row)."""
-        m = tl.maximum(tl.max(tl.abs(xr), axis=1), tl.max(tl.abs(xi), axis=1))
-        return tl.where(m > 0, m, 1.0)[:, None]
-
-    @triton.jit
     def _operand(x, FP32: tl.constexpr):
         return x if FP32 else x.to(tl.float16)
 
@@ -441,12 +435,13 @@ if TRITON_AVAILABLE:
         b = tl.program_id(2).to(tl.int64)  # per-batch bases in int64, offsets inside a tile in int32
         x_ptr += b * stride_b
         z_ptr += b * P * T * D
-        k, kk, cc, zero = _layout(P, BLOCK_C, A_LEFT)  # k: n2 of the input, k2 of the output
-        # A as the left operand: rows k2, columns n2; as the right one, transposed
-        a_off = k[:, None] * P + k[None, :] if A_LEFT else k[None, :] * P + k[:, None]
+        k, kk, cc, _ = _layout(P, BLOCK_C, A_LEFT)  # k: n2 of the input, k2 of the output
+        # A's table [2, P, P] (re, im) as one matrix: as the left operand [Ar; Ai] [2P, P] (rows k2, columns n2),
+        # as the right one [Arᵀ | Aiᵀ] [P, 2P]; one product gives Z's real and imaginary parts
+        r = tl.arange(0, 2 * P)
+        a = tl.load(a_ptr + (r[:, None] * P + k[None, :] if A_LEFT else r[None, :] * P + k[:, None]))
+        zero = tl.zeros((2 * P, BLOCK_C) if A_LEFT else (BLOCK_C, 2 * P), dtype=tl.float32)
         cmask = cc < D
-        ar = tl.load(a_ptr + a_off)
-        ai = tl.load(a_ptr + P * P + a_off)
         inv_peak = 1.0 / tl.load(peak_ptr + b * D + cc, mask=cmask, other=1.0)
         inv_root = 1.0 / tl.sqrt(P * 1.0)
         for i in range(ROWS):
@@ -455,12 +450,7 @@ if TRITON_AVAILABLE:
             src = (L - 1 - t) if FLIP else t
             x = tl.load(x_ptr + (src * stride_t + cc), mask=(t < L) & cmask, other=0.0).to(tl.float32)
             x = _operand(x * inv_peak, FP32)
-            if A_LEFT:
-                zr = _mm(ar, x, zero, FP32)
-                zi = _mm(ai, x, zero, FP32)
-            else:
-                zr = _mm(x, ar, zero, FP32)
-                zi = _mm(x, ai, zero, FP32)
+            zr, zi = _halves(_mm(a, x, zero, FP32) if A_LEFT else _mm(x, a, zero, FP32), P, A_LEFT)
             twr = tl.load(tw_ptr + kk * T + n1) * inv_root
             twi = tl.load(tw_ptr + P * T + kk * T + n1) * inv_root
             off = (kk * T + n1) * D + cc
@@ -474,10 +464,14 @@ if TRITON_AVAILABLE:
         return tl.where(m > 0, m, 1.0)[None, :]
 
     @triton.jit
-    def _halves(x, T: tl.constexpr):
-        """Rows 0…T−1 and T…2T−1 of a [2T, C] tile. The tensor cores' layout gives a thread row r and r + T
-        together, so the split stays in registers."""
-        return tl.split(tl.permute(tl.reshape(x, (2, T, x.shape[1])), (1, 2, 0)))
+    def _halves(x, N: tl.constexpr, ALONG_ROWS: tl.constexpr):
+        """Rows 0…N−1 and N…2N−1 of a [2N, C] tile (or, not ALONG_ROWS, those columns of a [C, 2N] one). Where
+        the tensor cores' layout gives a thread both row r and r + N, the split stays in registers."""
+        if ALONG_ROWS:
+            parts = tl.permute(tl.reshape(x, (2, N, x.shape[1])), (1, 2, 0))
+        else:
+            parts = tl.permute(tl.reshape(x, (x.shape[0], 2, N)), (0, 2, 1))
+        return tl.split(parts)
 
     @triton.jit
     def _dft_cols(fs, ur, ui, T: tl.constexpr, FP32: tl.constexpr, INVERSE: tl.constexpr):
@@ -486,8 +480,8 @@ if TRITON_AVAILABLE:
         each against one part of u, instead of four chained ones with M = T: the tensor cores are waited for
         after each product, so fewer, larger products keep them busier."""
         zero = tl.zeros((2 * T, ur.shape[1]), dtype=tl.float32)
-        fr_ur, fi_ur = _halves(_mm(fs, ur, zero, FP32), T)
-        fr_ui, fi_ui = _halves(_mm(fs, ui, zero, FP32), T)
+        fr_ur, fi_ur = _halves(_mm(fs, ur, zero, FP32), T, True)
+        fr_ui, fi_ui = _halves(_mm(fs, ui, zero, FP32), T, True)
         if INVERSE:  # (fr − i·fi)(ur + i·ui) = (fr·ur + fi·ui) + i(fr·ui − fi·ur)
             outr, outi = fr_ur + fi_ui, fr_ui - fi_ur
         else:  # (fr + i·fi)(ur + i·ui) = (fr·ur − fi·ui) + i(fr·ui + fi·ur)
@@ -590,29 +584,28 @@ if TRITON_AVAILABLE:
         w_ptr += b * P * T * D
         s_ptr += b * P * D
         y_ptr += b * L * D
-        k, kk, cc, zero = _layout(P, BLOCK_C, A_LEFT)  # k: k2 of the input, n2 of the output
-        # A as the left operand: transposed, rows n2, columns k2; as the right one, rows k2, columns n2
-        a_off = k[None, :] * P + k[:, None] if A_LEFT else k[:, None] * P + k[None, :]
+        k, kk, cc, zero = _layout(P, BLOCK_C, A_LEFT)  # k: n2 of the output
+        # W's real and imaginary parts as one operand, stacked along k2 (r = k2 + P·part), against A's table
+        # [2, P, P] as one matrix: one product per row (A_LEFT: [Arᵀ | Aiᵀ] [P, 2P] on the left; else
+        # [Ar; Ai] [2P, P] on the right)
+        r = tl.arange(0, 2 * P)
+        rr = r[:, None] if A_LEFT else r[None, :]
+        a = tl.load(a_ptr + (r[None, :] * P + k[:, None] if A_LEFT else r[:, None] * P + k[None, :]))
         cmask = cc < D
-        ar = tl.load(a_ptr + a_off)
-        ai = tl.load(a_ptr + P * P + a_off)
-        w_scale = tl.load(s_ptr + kk * D + cc, mask=cmask, other=0.0)  # the same for every n1
+        w_scale = tl.load(s_ptr + rr % P * D + cc, mask=cmask, other=0.0)  # the same for every n1
         for i in range(ROWS):
             n1 = tl.program_id(0) * ROWS + i
-            off = (kk * T + n1) * D + cc
-            wr = tl.load(w_ptr + off, mask=cmask, other=0.0).to(tl.float32) * w_scale
-            wi = tl.load(w_ptr + plane + off, mask=cmask, other=0.0).to(tl.float32) * w_scale
+            off = rr // P * plane + (rr % P * T + n1) * D + cc
+            w = tl.load(w_ptr + off, mask=cmask, other=0.0).to(tl.float32) * w_scale
             if FP32:
                 s = scale
-            else:  # one scale per channel
-                s = _col_scale(wr, wi) if A_LEFT else _row_scale(wr, wi)
-                inv = 1.0 / s
-                wr, wi = (wr * inv).to(tl.float16), (wi * inv).to(tl.float16)
+            else:  # one scale per channel: max |·| over its column (A_LEFT) or row of w
+                m = tl.max(tl.abs(w), axis=0 if A_LEFT else 1)
+                m = tl.where(m > 0, m, 1.0)
+                s = m[None, :] if A_LEFT else m[:, None]
+                w = (w * (1.0 / s)).to(tl.float16)
                 s = s * scale
-            if A_LEFT:
-                y = _mm(ai, wi, _mm(ar, wr, zero, FP32), FP32) * s
-            else:
-                y = _mm(wi, ai, _mm(wr, ar, zero, FP32), FP32) * s
+            y = (_mm(a, w, zero, FP32) if A_LEFT else _mm(w, a, zero, FP32)) * s
             t = n1 + T * kk
             dst = (L - 1 - t) if FLIP else t
             tl.store(y_ptr + (dst * D + cc), y.to(y_ptr.dtype.element_ty), mask=(t < L) & cmask)
