@@ -44,6 +44,9 @@ SWEEP = {  # tile settings tried at the --sweep lengths, each over fftconv.DEFAU
     # stages (less shared memory); on an H200 both were slower there: 4.31 and 3.75 against 3.34 ms
     "c64/16 r8 aL w8": dict(block_c2=16, rows_per_prog=8, left=fftconv.LEFT_A, warps=(8, 8, 8)),
     "c64/32 r8 aL s2": dict(rows_per_prog=8, left=fftconv.LEFT_A, stages=2),
+    # the forward keeps its transforms along n1 for the backward, and without (16384's tuned tiles keep them)
+    "c64/32 r8 aL kT": dict(rows_per_prog=8, left=fftconv.LEFT_A, keep=fftconv.KEEP_TRANSFORMS),
+    "c64/32 r8 aL kS": dict(rows_per_prog=8, left=fftconv.LEFT_A, keep=fftconv.KEEP_SPECTRA),
 }
 
 
@@ -112,7 +115,7 @@ def odd_size_checks() -> dict:
 
 
 # Bytes per token-channel each stage must move (bf16 inputs and outputs, fp16 complex spectra: 4 bytes each;
-# their scales, one per P or T values, are left out)
+# their scales, one per P or T values, and the transforms a forward keeps for the backward are left out)
 STAGE_BYTES = {"analysis(v,g)": 12, "spectral": 12, "synthesis(y)": 6, "analysis(dy)": 6, "spectral(2 out)": 20,
                "synthesis(dv,dg)": 12}
 
@@ -122,15 +125,18 @@ def stage_times(v, g, dy, **tiles) -> dict:
     B = v.shape[0]
     z = st.analysis([v, g], False)
     zv, zg = fftconv._part(z, 0, B), fftconv._part(z, B, B)
-    w = st.spectral(zv, zg)
+    kept = torch.empty_like(z[0]) if st.keep_transforms else None
+    w = st.spectral(zv, zg, keep=kept)
+    if kept is not None:  # the backward starts from the forward's transforms
+        zv, zg = fftconv._part((kept, z[1]), 0, B), fftconv._part((kept, z[1]), B, B)
     zd = st.analysis([dy], True)
-    w2 = st.spectral(zd, zg, zv)
+    w2 = st.spectral(zd, zg, zv, transformed=st.keep_transforms)
     return {
         "analysis(v,g)": ms(lambda: st.analysis([v, g], False)),
-        "spectral": ms(lambda: st.spectral(zv, zg)),
+        "spectral": ms(lambda: st.spectral(fftconv._part(z, 0, B), fftconv._part(z, B, B), keep=kept)),
         "synthesis(y)": ms(lambda: st.synthesis(w, False, v.dtype)),
         "analysis(dy)": ms(lambda: st.analysis([dy], True)),
-        "spectral(2 out)": ms(lambda: st.spectral(zd, zg, zv)),
+        "spectral(2 out)": ms(lambda: st.spectral(zd, zg, zv, transformed=st.keep_transforms)),
         "synthesis(dv,dg)": ms(lambda: st.synthesis(w2, True, v.dtype)),
     }
 

@@ -35,6 +35,9 @@ def test_kernels_take_each_lengths_tuned_tiles_unless_told_otherwise():
     assert not fftconv.TritonStages(16384, "cpu", torch.bfloat16, left=fftconv.LEFT_DATA).a_left
     with pytest.raises(ValueError, match="left=3"):
         fftconv.TritonStages(500, "cpu", torch.bfloat16, left=3)
+    assert fftconv.TritonStages(16384, "cpu", torch.bfloat16).keep_transforms and not default.keep_transforms
+    with pytest.raises(ValueError, match="keep=3"):
+        fftconv.TritonStages(500, "cpu", torch.bfloat16, keep=3)
 
 
 def test_longer_than_the_largest_split_is_refused():
@@ -141,14 +144,14 @@ def test_fast_impl_fails_loudly_on_cpu():
 
 # --- the Triton kernels -----------------------------------------------------------------------------------------
 
-def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0, left=0):
-    """Forward and both gradients of the Triton path against float64 autograd of the reference (`left` 0: the
-    length's tuned orientation)."""
+def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0, left=0, keep=0):
+    """Forward and both gradients of the Triton path against float64 autograd of the reference (`left` and
+    `keep` 0: the length's tuned settings)."""
     v = torch.randn(batch, length, channels, device=device).to(dtype).requires_grad_()
     g = (0.5 * torch.randn(batch, length, channels, device=device) + 0.5).to(dtype).requires_grad_()
     dy = torch.randn(batch, length, channels, device=device).to(dtype)
     tiles = {} if device == "cuda" else dict(block_c=16, block_c2=16)
-    y = fftconv.causal_fft_conv_fast(v, g, split_p=split_p, left=left, **tiles)
+    y = fftconv.causal_fft_conv_fast(v, g, split_p=split_p, left=left, keep=keep, **tiles)
     dv, dg = torch.autograd.grad(y, (v, g), dy)
     v64, g64 = v.detach().double().requires_grad_(), g.detach().double().requires_grad_()
     y64 = causal_fft_conv_reference(v64, g64)
@@ -170,17 +173,19 @@ def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0
 
 @pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="runs the Triton kernels on the CPU only with triton installed and TRITON_INTERPRET=1")
-@pytest.mark.parametrize("length, channels, dtype, tol, split_p, left", [
-    (256, 16, torch.float32, 1e-5, 0, 0),  # the kernels' float32 mode: their arithmetic, free of fp16 rounding
-    (256, 16, torch.float32, 1e-5, 0, fftconv.LEFT_A),  # the same with A as the left operand
-    (300, 24, torch.bfloat16, 2e-2, 0, 0),  # the interpreter rounds float32 → bf16 toward zero (the GPU: nearest)
-    (7, 16, torch.float16, 2e-2, 0, 0),
-    (1024, 16, torch.bfloat16, 2e-2, 0, 0),  # long enough for the weighted check to see how spectra are stored
-    (1024, 16, torch.bfloat16, 2e-2, 0, fftconv.LEFT_A),
-    (300, 16, torch.float16, 2e-2, 16, 0),  # P < T, as benchmarks may try
+@pytest.mark.parametrize("length, channels, dtype, tol, split_p, left, keep", [
+    (256, 16, torch.float32, 1e-5, 0, 0, 0),  # the kernels' float32 mode: their arithmetic, free of fp16 rounding
+    (256, 16, torch.float32, 1e-5, 0, fftconv.LEFT_A, 0),  # the same with A as the left operand
+    (256, 16, torch.float32, 1e-5, 0, 0, fftconv.KEEP_TRANSFORMS),  # the backward from the forward's transforms
+    (300, 24, torch.bfloat16, 2e-2, 0, 0, 0),  # the interpreter rounds float32 → bf16 toward zero (the GPU: nearest)
+    (7, 16, torch.float16, 2e-2, 0, 0, 0),
+    (1024, 16, torch.bfloat16, 2e-2, 0, 0, 0),  # long enough for the weighted check to see how spectra are stored
+    (1024, 16, torch.bfloat16, 2e-2, 0, fftconv.LEFT_A, 0),
+    (1024, 16, torch.float16, 2e-2, 0, fftconv.LEFT_A, fftconv.KEEP_TRANSFORMS),
+    (300, 16, torch.float16, 2e-2, 16, 0, 0),  # P < T, as benchmarks may try
 ])
-def test_kernels_in_triton_interpreter(length, channels, dtype, tol, split_p, left):
-    _check_kernels("cpu", length, channels, dtype, tol=tol, split_p=split_p, left=left)
+def test_kernels_in_triton_interpreter(length, channels, dtype, tol, split_p, left, keep):
+    _check_kernels("cpu", length, channels, dtype, tol=tol, split_p=split_p, left=left, keep=keep)
 
 
 @pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
@@ -244,6 +249,13 @@ def test_fast_path_on_gpu_with_either_left_operand(length, left):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("keep", [fftconv.KEEP_SPECTRA, fftconv.KEEP_TRANSFORMS])
+def test_fast_path_on_gpu_keeping_either_for_the_backward(keep):
+    _check_kernels("cuda", 9000, 96, torch.bfloat16, keep=keep)
+
+
+@pytest.mark.gpu
+@gpu
 def test_dispatch_and_mhf_module_on_gpu():
     v, g = torch.randn(2, 1024, 64, device="cuda").bfloat16(), torch.randn(2, 1024, 64, device="cuda").bfloat16()
     assert fft_conv_path(v.device, v.dtype, 1024) == "triton"
@@ -289,9 +301,9 @@ ptr = lambda names, kind: {n: kind for n in names.split()}  # noqa: E731
 SIGS = {
     "analysis": (fc._analysis_kernel, {**ptr("x_ptr", "*bf16"), **ptr("z_ptr a_ptr", "*fp16"),
                  **ptr("peak_ptr tw_ptr", "*fp32"), **ptr("L D stride_b stride_t plane", "i32")}, dict(FLIP=True)),
-    "spectral": (fc._spectral_kernel, {**ptr("za_ptr zb_ptr zc_ptr out_ptr out2_ptr f_ptr", "*fp16"),
+    "spectral": (fc._spectral_kernel, {**ptr("za_ptr zb_ptr zc_ptr out_ptr out2_ptr ka_ptr kb_ptr f_ptr", "*fp16"),
                  **ptr("sa_ptr sb_ptr sc_ptr so_ptr so2_ptr tw_ptr", "*fp32"),
-                 **ptr("D plane_a plane_b plane_c plane_o", "i32")}, dict(TWO=True)),
+                 **ptr("D plane_a plane_b plane_c plane_o plane_k", "i32")}, dict(TWO=True, KEEP=False)),
     "synthesis": (fc._synthesis_kernel, {**ptr("w_ptr a_ptr", "*fp16"), **ptr("s_ptr", "*fp32"),
                   **ptr("y_ptr", "*bf16"), **ptr("L D plane", "i32"), "scale": "fp32"}, dict(FLIP=True)),
 }
@@ -299,13 +311,17 @@ out = {"exact_head": shared(fc._exact_head_kernel, {**ptr("v_ptr g_ptr y_ptr", "
        **ptr("n D v_sb v_st g_sb g_st y_sb y_st", "i32")}, dict(K=fc.EXACT_HEAD, BLOCK_C=32), 4, 3)}
 for length in fc.SPLITS:  # every length's own split and tuned tiles, each distinct build once
     st = fc.TritonStages(length, "cpu", torch.bfloat16)
-    for i, (name, block) in enumerate((("analysis", st.block_c), ("spectral", st.block_c2),
-                                       ("synthesis", st.block_c))):
+    # the spectral stage: the backward's (two outputs; from kept transforms where the length keeps them) and,
+    # where it keeps them, the forward's, which writes them
+    spectral = [dict(GIVEN=st.keep_transforms)] + ([dict(TWO=False, KEEP=True, GIVEN=False)] if st.keep_transforms
+                                                   else [])
+    for i, name, block, extra in [(0, "analysis", st.block_c, {}), *[(1, "spectral", st.block_c2, e) for e in spectral],
+                                  (2, "synthesis", st.block_c, {})]:
         fn, sig, flags = SIGS[name]
-        const = dict(flags, P=st.P, T=st.T, ROWS=st.rows, FP32=False, BLOCK_C=block)
+        const = dict(flags, P=st.P, T=st.T, ROWS=st.rows, FP32=False, BLOCK_C=block, **extra)
         if name in ("analysis", "synthesis"):
             const["A_LEFT"] = st.a_left
-        key = f"{name} P={st.P} T={st.T} C={block} warps={st.warps[i]} A_LEFT={const.get('A_LEFT')}"
+        key = f"{name} P={st.P} T={st.T} C={block} warps={st.warps[i]} A_LEFT={const.get('A_LEFT')} {extra}"
         if key not in out:
             out[key] = shared(fn, sig, const, st.warps[i], st.stages)
 print(json.dumps(out))

@@ -18,7 +18,8 @@ half-sum is the inverse. Spectrum order is scrambled (bin k2 + 2P·k1), which th
 
 Backward: dv_j = Σ_{t≥j} dy_t g_{t−j} is the causal convolution of the reversed dy with g, read reversed; so
 the same three stages run with `flip` on the load of dy and the store of dv, dg, and reuse the forward's
-spectra of v and g.
+spectra of v and g (or, where `keep` says so, their transforms along n1, which the forward's spectral stage
+writes beside its output).
 
 Precision (bf16/fp16 inputs): spectra are stored in fp16 under float32 scales, so nothing overflows: after
 analysis one per sample and channel (√P·max_t |x|, a bound known before the transform), after the spectral
@@ -68,9 +69,13 @@ SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (6
 # `left`: the left operand of the analysis and synthesis products, whose rows are the tensor cores' M: the data
 # (LEFT_DATA, M = block_c) or the DFT matrix A (LEFT_A, M = P; Hopper's wide instruction needs M ≥ 64).
 LEFT_DATA, LEFT_A = 1, 2
-DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3, left=LEFT_DATA)
+# `keep`: what the forward keeps for the backward: the analysis spectra Z_v, Z_g (KEEP_SPECTRA; the backward's
+# spectral stage transforms them along n1 again) or their transforms F Z_v, F Z_g, which the forward's spectral
+# stage computes anyway (KEEP_TRANSFORMS: the forward writes them, the backward skips two of its five DFTs).
+KEEP_SPECTRA, KEEP_TRANSFORMS = 1, 2
+DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3, left=LEFT_DATA, keep=KEEP_SPECTRA)
 TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(left=LEFT_A, rows_per_prog=8),
-               16384: dict(left=LEFT_A, rows_per_prog=8)}
+               16384: dict(left=LEFT_A, rows_per_prog=8, keep=KEEP_TRANSFORMS)}
 
 
 def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None = None, impl: str = "auto") -> str:
@@ -217,15 +222,15 @@ def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Ten
 
 
 def _tile_args(block_c: int = 0, block_c2: int = 0, rows_per_prog: int = 0, warps: tuple[int, int, int] | None = None,
-               stages: int = 0, split_p: int = 0, left: int = 0) -> tuple:
+               stages: int = 0, split_p: int = 0, left: int = 0, keep: int = 0) -> tuple:
     """The operators' tile arguments; 0 (and warps None) is the length's tuned setting."""
-    return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages, split_p, left
+    return block_c, block_c2, rows_per_prog, list(warps) if warps else None, stages, split_p, left, keep
 
 
 def _stages(x: torch.Tensor, block_c: int, block_c2: int, rows: int, warps: list[int] | None,
-            stages: int, split_p: int, left: int) -> TritonStages:
+            stages: int, split_p: int, left: int, keep: int) -> TritonStages:
     return TritonStages(x.shape[1], x.device, x.dtype, block_c, block_c2, rows, tuple(warps) if warps else None, stages,
-                        split_p, left)
+                        split_p, left, keep)
 
 
 def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,23 +239,26 @@ def _part(spectra: tuple[torch.Tensor, torch.Tensor], start: int, n: int) -> tup
     return z.narrow(1, start, n), s.narrow(0, start, n)
 
 
-# The operator returns the spectra of v and g beside y (values [2, 2B, P, T, D] and their scales [2B, D]),
-# so that the backward reuses them.
+# The operator returns the spectra of v and g (or their transforms along n1: `keep`) beside y (values [2, 2B, P,
+# T, D] and their scales [2B, D]), so that the backward reuses them.
 @torch.library.custom_op("caracal::monarch_conv", mutates_args=())
 def monarch_conv(v: torch.Tensor, g: torch.Tensor, block_c: int, block_c2: int, rows_per_prog: int,
-                 warps: list[int] | None, stages: int, split_p: int,
-                 left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages, split_p, left)
+                 warps: list[int] | None, stages: int, split_p: int, left: int,
+                 keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    st = _stages(v, block_c, block_c2, rows_per_prog, warps, stages, split_p, left, keep)
     B = v.shape[0]
     z, s = st.analysis([v, g], flip=False)
-    w = st.spectral(_part((z, s), 0, B), _part((z, s), B, B))
+    kept = torch.empty_like(z) if st.keep_transforms else None
+    w = st.spectral(_part((z, s), 0, B), _part((z, s), B, B), keep=kept)
+    if kept is not None:
+        z = kept
     y = st.synthesis(w, flip=False, dtype=v.dtype)
     st.exact_head(v, g, y)
     return y, z, s
 
 
 @monarch_conv.register_fake
-def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p, left):
+def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p, left, keep):
     P, T = split_for(int(v.shape[1]), split_p)  # int(): under dynamic shapes the graph specialises on L
     zdtype = torch.float32 if v.dtype == torch.float32 else torch.float16
     # contiguous, as the kernels write them (empty_like would copy v's strides)
@@ -260,18 +268,19 @@ def _(v, g, block_c, block_c2, rows_per_prog, warps, stages, split_p, left):
 
 @torch.library.custom_op("caracal::monarch_conv_backward", mutates_args=())
 def monarch_conv_backward(dy: torch.Tensor, z: torch.Tensor, s: torch.Tensor, block_c: int, block_c2: int,
-                          rows_per_prog: int, warps: list[int] | None, stages: int, split_p: int,
-                          left: int) -> torch.Tensor:
+                          rows_per_prog: int, warps: list[int] | None, stages: int, split_p: int, left: int,
+                          keep: int) -> torch.Tensor:
     """[dv; dg] stacked on the batch axis: dv = flip(flip(dy) ∗ g), dg = flip(flip(dy) ∗ v), from one
-    transform of dy and the forward's spectra of v and g."""
-    st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages, split_p, left)
+    transform of dy and what the forward kept of v and g."""
+    st = _stages(dy, block_c, block_c2, rows_per_prog, warps, stages, split_p, left, keep)
     B = dy.shape[0]
-    w = st.spectral(st.analysis([dy], flip=True), _part((z, s), B, B), _part((z, s), 0, B))
+    w = st.spectral(st.analysis([dy], flip=True), _part((z, s), B, B), _part((z, s), 0, B),
+                    transformed=st.keep_transforms)
     return st.synthesis(w, flip=True, dtype=dy.dtype)
 
 
 @monarch_conv_backward.register_fake
-def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages, split_p, left):
+def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages, split_p, left, keep):
     return dy.new_empty((2 * dy.shape[0], *dy.shape[1:]))
 
 
@@ -284,7 +293,7 @@ def _monarch_conv_grad(ctx, dy, _dz, _ds):
     z, s = ctx.saved_tensors
     both = monarch_conv_backward(dy.contiguous(), z, s, *ctx.tiles)
     B = dy.shape[0]
-    return both[:B], both[B:], None, None, None, None, None, None, None
+    return both[:B], both[B:], *[None] * len(ctx.tiles)
 
 
 monarch_conv.register_autograd(_monarch_conv_grad, setup_context=_monarch_conv_setup)
@@ -311,13 +320,14 @@ class TritonStages:
 
     def __init__(self, length: int, device, dtype: torch.dtype, block_c: int = 0, block_c2: int = 0,
                  rows_per_prog: int = 0, warps: tuple[int, int, int] | None = None, stages: int = 0,
-                 split_p: int = 0, left: int = 0):
+                 split_p: int = 0, left: int = 0, keep: int = 0):
         self.L = length
         self.P, self.T = split_for(length, split_p)
         self.fp32 = dtype == torch.float32
         self.zdtype = torch.float32 if self.fp32 else torch.float16
         self.A, self.F, self.tw = _kernel_tables(self.P, self.T, str(torch.device(device)), self.fp32)
-        given = dict(block_c=block_c, block_c2=block_c2, rows_per_prog=rows_per_prog, stages=stages, left=left)
+        given = dict(block_c=block_c, block_c2=block_c2, rows_per_prog=rows_per_prog, stages=stages, left=left,
+                     keep=keep)
         tiles = {**DEFAULT_TILES, **TUNED_TILES.get(padded_length(length), {}),
                  **{k: v for k, v in given.items() if v}}
         self.block_c, self.block_c2 = tiles["block_c"], tiles["block_c2"]
@@ -326,6 +336,10 @@ class TritonStages:
         if tiles["left"] not in (LEFT_DATA, LEFT_A):
             raise ValueError(f"left={tiles['left']}: {LEFT_DATA} (the data) or {LEFT_A} (the DFT matrix)")
         self.a_left = tiles["left"] == LEFT_A
+        if tiles["keep"] not in (KEEP_SPECTRA, KEEP_TRANSFORMS):
+            raise ValueError(f"keep={tiles['keep']}: {KEEP_SPECTRA} (the spectra) or {KEEP_TRANSFORMS} (their "
+                             "transforms)")
+        self.keep_transforms = tiles["keep"] == KEEP_TRANSFORMS
         # 8 warps once a program's fp32 tiles pass ~32 KB (registers), else 4
         wide, wide2 = self.P * self.block_c >= 8192, self.T * self.block_c2 >= 4096
         self.warps = warps or (8 if wide else 4, 8 if wide2 else 4, 8 if wide else 4)
@@ -351,21 +365,25 @@ class TritonStages:
                                    A_LEFT=self.a_left, num_warps=self.warps[0], num_stages=self.stages)
         return z, peak * math.sqrt(self.P)
 
-    def spectral(self, a: tuple, b: tuple, c: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def spectral(self, a: tuple, b: tuple, c: tuple | None = None, keep: torch.Tensor | None = None,
+                 transformed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """W for the spectra a and b (and a second output for a and c): values [2, n·B, P, T, D] and scales
-        [n·B, P, D], one per (k2, c)."""
+        [n·B, P, D], one per (k2, c). `keep` [2, 2B, P, T, D] receives F Z_a and F Z_b (÷√T, under the inputs'
+        scales); `transformed` says that b and c are such kept transforms."""
         (za, sa), (zb, sb) = a, b
         two = c is not None
         zc, sc = c if two else b
         B, D = za.shape[1], za.shape[-1]
         out = torch.empty(2, (2 if two else 1) * B, self.P, self.T, D, device=za.device, dtype=self.zdtype)
         scale = torch.empty((2 if two else 1) * B, self.P, D, device=za.device, dtype=torch.float32)
+        kept = out if keep is None else keep
         rows = self._rows(self.P)
         grid = (self.P // rows, triton.cdiv(D, self.block_c2), B)
         _spectral_kernel[grid](za, zb, zc, sa, sb, sc, out, out[:, B:] if two else out, scale,
-                               scale[B:] if two else scale, self.F, self.tw, D,
-                               za.stride(0), zb.stride(0), zc.stride(0), out.stride(0),
+                               scale[B:] if two else scale, kept, kept[:, B:], self.F, self.tw, D,
+                               za.stride(0), zb.stride(0), zc.stride(0), out.stride(0), kept.stride(0),
                                P=self.P, T=self.T, BLOCK_C=self.block_c2, ROWS=rows, TWO=two, FP32=self.fp32,
+                               KEEP=keep is not None, GIVEN=transformed,
                                num_warps=self.warps[1], num_stages=self.stages)
         return out, scale
 
@@ -494,6 +512,23 @@ if TRITON_AVAILABLE:
         return tl.load(z + off, mask=cmask, other=0.0), tl.load(z + plane + off, mask=cmask, other=0.0)
 
     @triton.jit
+    def _transform(z, plane, off, cmask, fs, T: tl.constexpr, FP32: tl.constexpr, GIVEN: tl.constexpr):
+        """F u for a stored tile u, float32 and |·| ≤ √T; or (GIVEN) a kept F u / √T as it is, |·| ≤ 1."""
+        ur, ui = _load_unit(z, plane, off, cmask)
+        if GIVEN:
+            xr, xi = ur.to(tl.float32), ui.to(tl.float32)
+        else:
+            xr, xi = _dft_cols(fs, ur, ui, T, FP32, False)
+        return xr, xi
+
+    @triton.jit
+    def _keep(z, plane, off, xr, xi, cmask, T: tl.constexpr):
+        """Store a transform F u (|·| ≤ √T) as F u / √T."""
+        inv_root = 1.0 / tl.sqrt(T * 1.0)
+        tl.store(z + off, (xr * inv_root).to(z.dtype.element_ty), mask=cmask)
+        tl.store(z + plane + off, (xi * inv_root).to(z.dtype.element_ty), mask=cmask)
+
+    @triton.jit
     def _unit_product(ar, ai, br, bi, FP32: tl.constexpr):
         """The product of two transforms as operands of column maximum 1, and that maximum. A bound would
         not do here: inputs scaled per channel sit well below 1, and their product below fp16's normal range."""
@@ -513,12 +548,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _spectral_kernel(za_ptr, zb_ptr, zc_ptr, sa_ptr, sb_ptr, sc_ptr, out_ptr, out2_ptr, so_ptr, so2_ptr,
-                         f_ptr, tw_ptr, D, plane_a, plane_b, plane_c, plane_o,
+                         ka_ptr, kb_ptr, f_ptr, tw_ptr, D, plane_a, plane_b, plane_c, plane_o, plane_k,
                          P: tl.constexpr, T: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-                         TWO: tl.constexpr, FP32: tl.constexpr):
+                         TWO: tl.constexpr, FP32: tl.constexpr, KEEP: tl.constexpr, GIVEN: tl.constexpr):
         """For ROWS values of k2 and BLOCK_C channels: W = conj(tw) ⊙ F^H((F Z_a) ⊙ (F Z_b)) along n1
         (and a second output with Z_c in place of Z_b). Tiles are [T (n1 or k1), BLOCK_C]. Inputs carry one
-        scale per (sample, c), outputs get one per (k2, c).
+        scale per (sample, c), outputs get one per (k2, c). KEEP: also store F Z_a and F Z_b (÷√T, under the
+        inputs' scales) at ka, kb; GIVEN: Z_b and Z_c are such stored transforms (the backward's g and v).
 
         The stored inputs u are ≤ 1 and are used as they are: |F u| ≤ √T (entries of F are 1/√T). The product
         of two transforms is divided by its own column maximum (`_unit_product`), the one reduction across
@@ -533,15 +569,19 @@ if TRITON_AVAILABLE:
         bound_a = tl.load(sa_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
         bound_b = tl.load(sb_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
         bound_c = tl.load(sc_ptr + b * D + c, mask=c < D, other=1.0)[None, :] if TWO else bound_b
+        if GIVEN:  # a kept transform is F u / √T
+            root = tl.sqrt(T * 1.0)
+            bound_b, bound_c = bound_b * root, bound_c * root
         for i in range(ROWS):
             k2 = tl.program_id(0) * ROWS + i
             base = (b * P + k2) * T * D  # int64; the offsets inside the tile stay int32
             za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
             so_off = (b * P + k2) * D + c[None, :]
-            ur, ui = _load_unit(za, plane_a, off, cmask)
-            ar, ai = _dft_cols(fs, ur, ui, T, FP32, False)
-            ur, ui = _load_unit(zb, plane_b, off, cmask)
-            br, bi = _dft_cols(fs, ur, ui, T, FP32, False)
+            ar, ai = _transform(za, plane_a, off, cmask, fs, T, FP32, False)
+            br, bi = _transform(zb, plane_b, off, cmask, fs, T, FP32, GIVEN)
+            if KEEP:
+                _keep(ka_ptr + base, plane_k, off, ar, ai, cmask, T)
+                _keep(kb_ptr + base, plane_k, off, br, bi, cmask, T)
             twr = tl.load(tw_ptr + k2 * T + n)[:, None]
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
             # the product of two transforms, as operands of column maximum 1 (`_unit_product`)
@@ -550,8 +590,7 @@ if TRITON_AVAILABLE:
             _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
                             bound_a * bound_b * sp, cmask, T)
             if TWO:
-                ur, ui = _load_unit(zc, plane_c, off, cmask)
-                br, bi = _dft_cols(fs, ur, ui, T, FP32, False)
+                br, bi = _transform(zc, plane_c, off, cmask, fs, T, FP32, GIVEN)
                 pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
                 yr, yi = _dft_cols(fs, pr, pi, T, FP32, True)
                 _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
