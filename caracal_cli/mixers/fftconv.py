@@ -286,6 +286,9 @@ def _(dy, z, s, block_c, block_c2, rows_per_prog, warps, stages, split_p, left, 
 
 def _monarch_conv_setup(ctx, inputs, output):
     ctx.tiles = inputs[2:]
+    # the kept spectra get no gradient: without this, autograd would pass the backward a zero tensor of their
+    # size (≈0.5 GB at 65536 tokens, d = 1024: 0.15 ms of writes on an H200)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], output[2])
 
 
@@ -390,10 +393,10 @@ class TritonStages:
     def exact_head(self, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> None:
         """Overwrite y's first EXACT_HEAD positions with the direct sums Σ_{j≤t} v_j g_{t−j} (float32)."""
         B, L, D = v.shape
-        block = 32
+        block = 16  # a [32, 32, 16] float32 tile of g: 64 registers a thread with 8 warps
         _exact_head_kernel[(triton.cdiv(D, block), B)](v, g, y, min(L, EXACT_HEAD), D, v.stride(0), v.stride(1),
                                                        g.stride(0), g.stride(1), y.stride(0), y.stride(1),
-                                                       K=EXACT_HEAD, BLOCK_C=block, num_warps=4)
+                                                       K=EXACT_HEAD, BLOCK_C=block, num_warps=8)
 
     def synthesis(self, spectra: tuple, flip: bool, dtype: torch.dtype) -> torch.Tensor:
         w, scale = spectra
@@ -492,18 +495,21 @@ if TRITON_AVAILABLE:
         return tl.split(parts)
 
     @triton.jit
-    def _dft_cols(fs, ur, ui, T: tl.constexpr, FP32: tl.constexpr, INVERSE: tl.constexpr):
-        """F @ u (or conj(F) @ u) for F = fr + i·fi, given stacked as fs = [fr; fi] [2T, T], and u = ur + i·ui
-        [T, C] with |u| ≤ 1 (fp16 or float32 operands); float32 out, each |·| ≤ √T. Two products with M = 2T,
-        each against one part of u, instead of four chained ones with M = T: the tensor cores are waited for
-        after each product, so fewer, larger products keep them busier."""
-        zero = tl.zeros((2 * T, ur.shape[1]), dtype=tl.float32)
-        fr_ur, fi_ur = _halves(_mm(fs, ur, zero, FP32), T, True)
-        fr_ui, fi_ui = _halves(_mm(fs, ui, zero, FP32), T, True)
+    def _dft_cols(fr, fi, ur, ui, FP32: tl.constexpr, INVERSE: tl.constexpr):
+        """F @ u (or conj(F) @ u) for F = fr + i·fi [T, T] and u = ur + i·ui [T, C] with |u| ≤ 1 (fp16 or
+        float32 operands); float32 out, each |·| ≤ √T. Here F is the left operand: M = T = 128 rows keep the
+        tensor cores' wide instruction with few channels per program. (Two products of the stacked [fr; fi]
+        (M = 2T) instead of four were measured on an H200: as fast at T ≥ 64, 2-3x slower at T ≤ 32.)"""
+        zero = tl.zeros(ur.shape, dtype=tl.float32)
+        # Chained accumulators: two live [T, C] products instead of four. A difference negates the first
+        # product (registers), not an operand: the operands sit in shared memory for the tensor cores, and a
+        # negated one took a round trip through registers and back.
         if INVERSE:  # (fr − i·fi)(ur + i·ui) = (fr·ur + fi·ui) + i(fr·ui − fi·ur)
-            outr, outi = fr_ur + fi_ui, fr_ui - fi_ur
+            outr = _mm(fi, ui, _mm(fr, ur, zero, FP32), FP32)
+            outi = _mm(fr, ui, -_mm(fi, ur, zero, FP32), FP32)
         else:  # (fr + i·fi)(ur + i·ui) = (fr·ur − fi·ui) + i(fr·ui + fi·ur)
-            outr, outi = fr_ur - fi_ui, fr_ui + fi_ur
+            outr = _mm(fr, ur, -_mm(fi, ui, zero, FP32), FP32)
+            outi = _mm(fi, ur, _mm(fr, ui, zero, FP32), FP32)
         return outr, outi
 
     @triton.jit
@@ -512,13 +518,13 @@ if TRITON_AVAILABLE:
         return tl.load(z + off, mask=cmask, other=0.0), tl.load(z + plane + off, mask=cmask, other=0.0)
 
     @triton.jit
-    def _transform(z, plane, off, cmask, fs, T: tl.constexpr, FP32: tl.constexpr, GIVEN: tl.constexpr):
+    def _transform(z, plane, off, cmask, fr, fi, FP32: tl.constexpr, GIVEN: tl.constexpr):
         """F u for a stored tile u, float32 and |·| ≤ √T; or (GIVEN) a kept F u / √T as it is, |·| ≤ 1."""
         ur, ui = _load_unit(z, plane, off, cmask)
         if GIVEN:
             xr, xi = ur.to(tl.float32), ui.to(tl.float32)
         else:
-            xr, xi = _dft_cols(fs, ur, ui, T, FP32, False)
+            xr, xi = _dft_cols(fr, fi, ur, ui, FP32, False)
         return xr, xi
 
     @triton.jit
@@ -563,8 +569,9 @@ if TRITON_AVAILABLE:
         n = tl.arange(0, T)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = (c < D)[None, :]
-        # F's table [2, T, T] (re, im) read as one [2T, T] matrix [fr; fi]
-        fs = _operand(tl.load(f_ptr + tl.arange(0, 2 * T)[:, None] * T + n[None, :]), FP32)
+        f_off = n[:, None] * T + n[None, :]
+        fr = _operand(tl.load(f_ptr + f_off), FP32)
+        fi = _operand(tl.load(f_ptr + T * T + f_off), FP32)
         off = n[:, None] * D + c[None, :]
         bound_a = tl.load(sa_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
         bound_b = tl.load(sb_ptr + b * D + c, mask=c < D, other=1.0)[None, :]
@@ -577,8 +584,8 @@ if TRITON_AVAILABLE:
             base = (b * P + k2) * T * D  # int64; the offsets inside the tile stay int32
             za, zb, zc, out, out2 = za_ptr + base, zb_ptr + base, zc_ptr + base, out_ptr + base, out2_ptr + base
             so_off = (b * P + k2) * D + c[None, :]
-            ar, ai = _transform(za, plane_a, off, cmask, fs, T, FP32, False)
-            br, bi = _transform(zb, plane_b, off, cmask, fs, T, FP32, GIVEN)
+            ar, ai = _transform(za, plane_a, off, cmask, fr, fi, FP32, False)
+            br, bi = _transform(zb, plane_b, off, cmask, fr, fi, FP32, GIVEN)
             if KEEP:
                 _keep(ka_ptr + base, plane_k, off, ar, ai, cmask, T)
                 _keep(kb_ptr + base, plane_k, off, br, bi, cmask, T)
@@ -586,32 +593,31 @@ if TRITON_AVAILABLE:
             twi = tl.load(tw_ptr + P * T + k2 * T + n)[:, None]
             # the product of two transforms, as operands of column maximum 1 (`_unit_product`)
             pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
-            yr, yi = _dft_cols(fs, pr, pi, T, FP32, True)
+            yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
             _store_spectrum(out, so_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
                             bound_a * bound_b * sp, cmask, T)
             if TWO:
-                br, bi = _transform(zc, plane_c, off, cmask, fs, T, FP32, GIVEN)
+                br, bi = _transform(zc, plane_c, off, cmask, fr, fi, FP32, GIVEN)
                 pr, pi, sp = _unit_product(ar, ai, br, bi, FP32)
-                yr, yi = _dft_cols(fs, pr, pi, T, FP32, True)
+                yr, yi = _dft_cols(fr, fi, pr, pi, FP32, True)
                 _store_spectrum(out2, so2_ptr + so_off, plane_o, off, yr * twr + yi * twi, yi * twr - yr * twi,
                                 bound_a * bound_c * sp, cmask, T)
 
     @triton.jit
     def _exact_head_kernel(v_ptr, g_ptr, y_ptr, n, D, v_sb, v_st, g_sb, g_st, y_sb, y_st, K: tl.constexpr,
                            BLOCK_C: tl.constexpr):
-        """y[b, t, c] = Σ_{j≤t} v[b, j, c] g[b, t−j, c] for t < n = min(K, L), summed in float32."""
+        """y[b, t, c] = Σ_{j≤t} v[b, j, c] g[b, t−j, c] for t < n = min(K, L), summed in float32. All K outputs
+        at once from a [K (t), K (j), BLOCK_C] tile of g[t − j]: one round of (cached) loads, not K in turn."""
         b = tl.program_id(1).to(tl.int64)
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        j = tl.arange(0, K)
-        cmask = (c < D)[None, :]
-        v = tl.load(v_ptr + b * v_sb + j[:, None] * v_st + c[None, :], mask=(j < n)[:, None] & cmask,
-                    other=0.0).to(tl.float32)
-        for t in range(0, n):
-            lag = t - j  # g's row for each j; j > t contributes nothing
-            g = tl.load(g_ptr + b * g_sb + lag[:, None] * g_st + c[None, :], mask=(lag >= 0)[:, None] & cmask,
-                        other=0.0).to(tl.float32)
-            y = tl.sum(v * g, axis=0)
-            tl.store(y_ptr + b * y_sb + t * y_st + c, y.to(y_ptr.dtype.element_ty), mask=c < D)
+        t = tl.arange(0, K)
+        rows = (t < n)[:, None] & (c < D)[None, :]
+        v = tl.load(v_ptr + b * v_sb + t[:, None] * v_st + c[None, :], mask=rows, other=0.0).to(tl.float32)
+        lag = t[:, None] - t[None, :]  # [t, j]: g's row; j > t contributes nothing
+        g = tl.load(g_ptr + b * g_sb + lag[:, :, None] * g_st + c[None, None, :],
+                    mask=(lag >= 0)[:, :, None] & rows[:, None, :], other=0.0).to(tl.float32)
+        y = tl.sum(g * v[None, :, :], axis=1)
+        tl.store(y_ptr + b * y_sb + t[:, None] * y_st + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rows)
 
     @triton.jit
     def _synthesis_kernel(w_ptr, s_ptr, y_ptr, a_ptr, L, D, plane, scale,
