@@ -41,7 +41,7 @@ SWEEP = {  # tile settings tried at the --sweep lengths, each over fftconv.DEFAU
     "c64/32 r8 aL": dict(rows_per_prog=8, left=fftconv.LEFT_A),
     "c128/32 r4 aL": dict(block_c=128, left=fftconv.LEFT_A),
     # 16384's tuned tiles with 16-channel spectral tiles (8 warps: ~150 registers), or with two pipeline
-    # stages (less shared memory); on an H200 both were slower there: 4.31 and 3.75 against 3.34 ms
+    # stages (less shared memory); on an H200 both were slower there: 4.00 and 3.47 against 2.97 ms
     "c64/16 r8 aL w8": dict(block_c2=16, rows_per_prog=8, left=fftconv.LEFT_A, warps=(8, 8, 8)),
     "c64/32 r8 aL s2": dict(rows_per_prog=8, left=fftconv.LEFT_A, stages=2),
     # the forward keeps its transforms along n1 for the backward, and without (16384's tuned tiles keep them)

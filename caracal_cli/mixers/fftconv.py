@@ -72,6 +72,8 @@ LEFT_DATA, LEFT_A = 1, 2
 # `keep`: what the forward keeps for the backward: the analysis spectra Z_v, Z_g (KEEP_SPECTRA; the backward's
 # spectral stage transforms them along n1 again) or their transforms F Z_v, F Z_g, which the forward's spectral
 # stage computes anyway (KEEP_TRANSFORMS: the forward writes them, the backward skips two of its five DFTs).
+# On an H200 at 16384 (spectral stages, forward + backward): 0.65 + 1.12 ms keeping the spectra, 0.75 + 0.94
+# keeping the transforms; the whole convolution 3.03 → 2.97 ms in one sweep. At 512 (T = 16) it cost 0.13 ms.
 KEEP_SPECTRA, KEEP_TRANSFORMS = 1, 2
 DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3, left=LEFT_DATA, keep=KEEP_SPECTRA)
 TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(left=LEFT_A, rows_per_prog=8),
