@@ -420,7 +420,7 @@ if TRITON_AVAILABLE:
     # the tensor cores read from shared memory. The spectral tiles are [T, channels] with F on the left, so
     # Hopper's wide instruction (M = 64 per warp group) applies with only 32 channels per program; that
     # kernel holds three complex tiles at once. Shared-memory and register use per (P, T) were read off
-    # sm_90 builds (no spills; at most 188 KB of shared memory at P = T = 128).
+    # sm_90 builds (no spills; at most 192 KB of shared memory and 215 registers at P = T = 128).
 
     @triton.jit
     def _mm(a, b, acc, FP32: tl.constexpr):
