@@ -308,7 +308,8 @@ SIGS = {
                   **ptr("y_ptr", "*bf16"), **ptr("L D plane", "i32"), "scale": "fp32"}, dict(FLIP=True)),
 }
 out = {"exact_head": shared(fc._exact_head_kernel, {**ptr("v_ptr g_ptr y_ptr", "*bf16"),
-       **ptr("n D v_sb v_st g_sb g_st y_sb y_st", "i32")}, dict(K=fc.EXACT_HEAD, BLOCK_C=16), 8, 3)}
+       **ptr("n D v_sb v_st g_sb g_st y_sb y_st", "i32")}, dict(K=fc.EXACT_HEAD, BLOCK_C=fc.TritonStages.head_block),
+       fc.TritonStages.head_warps, 3)}
 for length in fc.SPLITS:  # every length's own split and tuned tiles, each distinct build once
     st = fc.TritonStages(length, "cpu", torch.bfloat16)
     # the spectral stage: the backward's (two outputs; from kept transforms where the length keeps them) and,

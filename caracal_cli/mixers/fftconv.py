@@ -322,6 +322,8 @@ class TritonStages:
     scripts/bench_fftconv.py)."""
 
     batch_dim = 1
+    # the direct head's tiles: a [32, 32, 16] float32 tile of g is 64 registers a thread with 8 warps
+    head_block, head_warps = 16, 8
 
     def __init__(self, length: int, device, dtype: torch.dtype, block_c: int = 0, block_c2: int = 0,
                  rows_per_prog: int = 0, warps: tuple[int, int, int] | None = None, stages: int = 0,
@@ -395,10 +397,10 @@ class TritonStages:
     def exact_head(self, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> None:
         """Overwrite y's first EXACT_HEAD positions with the direct sums Σ_{j≤t} v_j g_{t−j} (float32)."""
         B, L, D = v.shape
-        block = 16  # a [32, 32, 16] float32 tile of g: 64 registers a thread with 8 warps
-        _exact_head_kernel[(triton.cdiv(D, block), B)](v, g, y, min(L, EXACT_HEAD), D, v.stride(0), v.stride(1),
-                                                       g.stride(0), g.stride(1), y.stride(0), y.stride(1),
-                                                       K=EXACT_HEAD, BLOCK_C=block, num_warps=8)
+        grid = (triton.cdiv(D, self.head_block), B)
+        _exact_head_kernel[grid](v, g, y, min(L, EXACT_HEAD), D, v.stride(0), v.stride(1), g.stride(0), g.stride(1),
+                                 y.stride(0), y.stride(1), K=EXACT_HEAD, BLOCK_C=self.head_block,
+                                 num_warps=self.head_warps)
 
     def synthesis(self, spectra: tuple, flip: bool, dtype: torch.dtype) -> torch.Tensor:
         w, scale = spectra
