@@ -93,13 +93,11 @@ def _train_variant(config, overrides: list[str], preset: str, data: Path, run_di
                    nproc_per_node: int) -> None:
     """Train (or resume) one variant: in process, or under torchrun through the CLI."""
     from caracal_cli.checkpoint import latest_checkpoint, read_meta
-    from caracal_cli.recipe import plan_batches
+    from caracal_cli.recipe import planned_steps
 
     latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        world = max(nproc_per_node, 1)
-        if read_meta(latest)["step"] >= plan_batches(config.train, config.model.context, world).total_steps:
-            return  # trained; only the evaluation was missing
+    if latest is not None and read_meta(latest)["step"] >= planned_steps(config.train):
+        return  # trained; only the evaluation was missing
     if nproc_per_node > 1:
         from caracal_cli.train import launch, torchrun_command
 

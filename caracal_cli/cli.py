@@ -266,10 +266,13 @@ def train(
     setup = trainer.resolve_run(preset, overrides, data, out, resume)
     world = int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes))
     if dry_run:
-        print(trainer.dry_run_report(setup, world))
+        print(trainer.dry_run_report(setup, world, device))
         return
     if world > 1 and "LOCAL_RANK" not in os.environ:
-        trainer.plan_batches(setup.config.train, setup.config.model.context, world)  # refuse before launching
+        if setup.config.train.micro_batch == "auto":  # refuse before launching
+            trainer.autobatch.candidates(setup.config, world)
+        else:
+            trainer.plan_batches(setup.config.train, setup.config.model.context, world)
         child = ["train", "--data", str(setup.data_dir), "--device", device]
         child += ["--resume", str(setup.run_dir)] if setup.resume else ["--preset", preset, "--out",
                                                                           str(setup.run_dir)]

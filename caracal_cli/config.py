@@ -103,7 +103,10 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 class TrainConfig:
     tokens: int = 10_000_000_000
     global_batch_tokens: int = 524_288
-    micro_batch: int = 16  # sequences per device per micro-step
+    # sequences per device per micro-step, or auto: the largest that fits the device (see autobatch.py)
+    micro_batch: int | str = "auto"
+    memory_limit_gb: float | None = None  # caps auto's search and this process's CUDA memory (24: the paper's GPUs)
+    activation_checkpointing: str = "none"  # none | block (recompute each block in the backward)
     lr: float = 9e-4
     min_lr_ratio: float = 0.1  # cosine decays to 10% of peak ("GPT-3 style")
     warmup_tokens: int = 375_000_000
@@ -123,8 +126,13 @@ class TrainConfig:
     log_every: int = 10
 
     def validate(self) -> None:
-        require_positive(self, "train", ["tokens", "global_batch_tokens", "micro_batch", "eval_every",
+        require_positive(self, "train", ["tokens", "global_batch_tokens", "eval_every",
                                   "checkpoint_every", "keep_checkpoints", "log_every"])
+        if self.micro_batch != "auto" and (isinstance(self.micro_batch, str) or self.micro_batch < 1):
+            raise ConfigError(f"train.micro_batch must be a positive integer or auto, got {self.micro_batch!r}")
+        if self.memory_limit_gb is not None and not self.memory_limit_gb > 0:
+            raise ConfigError(f"train.memory_limit_gb must be > 0, got {self.memory_limit_gb}")
+        _choice("train.activation_checkpointing", self.activation_checkpointing, ["none", "block"])
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

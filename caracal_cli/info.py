@@ -6,8 +6,8 @@ import warnings
 
 import torch
 
-from caracal_cli.config import Config, list_presets, load_preset
-from caracal_cli.model import build_model, count_parameters, flops_per_token, kernel_paths
+from caracal_cli.config import CaracalError, Config, list_presets, load_preset
+from caracal_cli.model import build_model, count_parameters, flops_per_token, kernel_paths, set_activation_checkpointing
 from caracal_cli.monitor import PEAK_FLOPS
 
 
@@ -16,16 +16,30 @@ def _meta_model(config: Config):
         return build_model(config.model)
 
 
-def train_memory_estimate(config: Config, micro_batch: int | None = None) -> dict[str, float]:
-    """GiB one training step holds at `micro_batch` (default the preset's): the activations autograd saves
-    in one bf16 forward and loss (traced on the meta device, each saved tensor counted once; bf16 weights stand
-    in for autocast), plus 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments).
+def train_memory_estimate(config: Config, micro_batch: int | None = None,
+                          checkpointing: str | None = None) -> dict[str, float]:
+    """GiB one training step holds at `micro_batch` (default the preset's; 1 for auto): the activations
+    autograd saves in one bf16 forward and loss (traced on the meta device, each saved tensor counted once; bf16
+    weights stand in for autocast), plus 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments).
+    With block checkpointing (default the preset's setting), the blocks' inputs plus one block recomputed.
 
     An estimate, not a measurement: it follows the CPU kernels (attention that saves its probabilities, the
-    reference SSM scan) and leaves out transient buffers and allocator slack; `scripts/gpu_memory_check.py`
-    measures the real step on a GPU."""
-    micro = micro_batch or config.train.micro_batch
+    reference SSM scan) and leaves out transient buffers and allocator slack; `train.micro_batch: auto` measures
+    real steps on a GPU, and `scripts/gpu_memory_check.py` too."""
+    micro = micro_batch or (1 if config.train.micro_batch == "auto" else config.train.micro_batch)
+    checkpointing = checkpointing or config.train.activation_checkpointing
     model = _meta_model(config).to(torch.bfloat16)
+    saved = _saved_bytes(model, micro, config.model.context)
+    if checkpointing == "block":
+        set_activation_checkpointing(model, "block")
+        saved = _saved_bytes(model, micro, config.model.context) + saved / len(model.blocks)
+    states = 16 * count_parameters(model)["total"]
+    return {"micro_batch": micro, "activations_gib": saved / 2**30, "states_gib": states / 2**30,
+            "total_gib": (saved + states) / 2**30}
+
+
+def _saved_bytes(model, micro: int, context: int) -> int:
+    """Bytes of the tensors autograd keeps for the backward of one forward and loss on the meta device."""
     kept: dict[int, torch.Tensor] = {}  # holding them keeps their ids from being reused during the trace
 
     def pack(tensor):
@@ -33,14 +47,11 @@ def train_memory_estimate(config: Config, micro_batch: int | None = None) -> dic
         kept.setdefault(id(base), base)  # a tensor saved by several ops, or through views, is stored once
         return tensor
 
-    ids = torch.zeros(micro, config.model.context, dtype=torch.long, device="meta")
+    ids = torch.zeros(micro, context, dtype=torch.long, device="meta")
     with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         warnings.simplefilter("ignore")  # bf16 weights with float32 norms' inputs: fine for counting bytes
         model(ids, targets=ids)
-    saved = sum(t.numel() * t.element_size() for t in kept.values())
-    states = 16 * count_parameters(model)["total"]
-    return {"micro_batch": micro, "activations_gib": saved / 2**30, "states_gib": states / 2**30,
-            "total_gib": (saved + states) / 2**30}
+    return sum(t.numel() * t.element_size() for t in kept.values())
 
 
 def describe_preset(config: Config, device: str = "cpu") -> dict:
@@ -75,7 +86,19 @@ def describe_preset(config: Config, device: str = "cpu") -> dict:
         "paths": kernel_paths(model, torch.device(device)),
         "train_memory_estimate_gib": {k: round(v, 1) if isinstance(v, float) else v
                                       for k, v in train_memory_estimate(config).items()},
+        "micro_batch": micro_batch_on(config, device),
     }
+
+
+def micro_batch_on(config: Config, device: str) -> str:
+    """The micro-batch a run of `config` would use on `device` (auto: real steps on CUDA, the estimate on a CPU),
+    or why none fits."""
+    from caracal_cli.autobatch import resolve
+
+    try:
+        return resolve(config, torch.device(device)).summary()
+    except CaracalError as err:
+        return str(err)
 
 
 def preset_table() -> list[dict]:

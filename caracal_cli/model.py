@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from caracal_cli.config import ModelConfig
 from caracal_cli.loss import loss_path, next_token_loss
@@ -78,6 +79,7 @@ class LanguageModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.checkpoint_blocks = False  # train.activation_checkpointing: block (see set_activation_checkpointing)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.reset_parameters()
@@ -106,8 +108,12 @@ class LanguageModel(nn.Module):
             start = 0 if caches is None else _cache_pos(caches)
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
             x = x + self.pos_embed(positions)
+        recompute = self.checkpoint_blocks and caches is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+            if recompute:  # keep only each block's input; its inside is recomputed in the backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if caches is None else caches[i])
         h = self.norm(x)
         if targets is not None:
             return next_token_loss(h, self.head.weight, targets, reduction)
@@ -118,6 +124,12 @@ class LanguageModel(nn.Module):
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         return [block.mixer.init_cache(batch, max_len, device, dtype) for block in self.blocks]
+
+
+def set_activation_checkpointing(model: LanguageModel, mode: str) -> None:
+    """train.activation_checkpointing: none | block (each block's activations recomputed in the backward:
+    memory per block falls to its input, for about one more forward of compute)."""
+    model.checkpoint_blocks = mode == "block"
 
 
 def _cache_pos(caches: list) -> int:

@@ -29,13 +29,16 @@ class BatchPlan:
 def plan_batches(train: TrainConfig, context: int, world_size: int) -> BatchPlan:
     """Split `train.global_batch_tokens` into micro-batches: grad_accum = global / (micro_batch · context ·
     world), refused with the numbers when it does not divide."""
+    if train.micro_batch == "auto":
+        raise ConfigError("train.micro_batch is auto: it is chosen on the device when the run starts "
+                          "(autobatch.resolve), not planned ahead")
     per_micro_step = train.micro_batch * context * world_size
     if train.global_batch_tokens % per_micro_step:
         raise ConfigError(
             f"train.global_batch_tokens={train.global_batch_tokens} is not a multiple of micro_batch × context × "
             f"world = {train.micro_batch} × {context} × {world_size} = {per_micro_step}; change "
             f"train.global_batch_tokens, train.micro_batch or the number of processes")
-    total_steps = train.tokens // train.global_batch_tokens
+    total_steps = planned_steps(train)
     if total_steps < 1:
         raise ConfigError(f"train.tokens={train.tokens} is less than one step of "
                           f"train.global_batch_tokens={train.global_batch_tokens}")
@@ -43,6 +46,11 @@ def plan_batches(train: TrainConfig, context: int, world_size: int) -> BatchPlan
                      grad_accum=train.global_batch_tokens // per_micro_step,
                      tokens_per_step=train.global_batch_tokens, total_steps=total_steps,
                      warmup_steps=min(total_steps, train.warmup_tokens // train.global_batch_tokens))
+
+
+def planned_steps(train: TrainConfig) -> int:
+    """Optimizer steps in the whole token budget (the schedule's length), whatever the micro-batch."""
+    return train.tokens // train.global_batch_tokens
 
 
 def learning_rate(step: int, plan: BatchPlan, train: TrainConfig) -> float:

@@ -29,11 +29,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from caracal_cli import autobatch
+from caracal_cli.autobatch import AutoBatch
 from caracal_cli.checkpoint import (
     config_yaml, latest_checkpoint, load_run_config, load_trainer_state, load_weights, model_state, read_meta,
     save_checkpoint, save_run_config,
@@ -42,12 +45,15 @@ from caracal_cli.config import CaracalError, Config, load_preset
 from caracal_cli.device import resolve_device, to_device
 from caracal_cli.fileio import write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
-from caracal_cli.model import build_model, count_parameters, flops_per_token, kernel_paths
+from caracal_cli.model import (
+    build_model, count_parameters, flops_per_token, kernel_paths, set_activation_checkpointing,
+)
 from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, require_tensorboard
 from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches
 from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
 
 DATA_FILE = "data.json"  # in the run directory: the data directory and its manifest summary
+AUTOBATCH_FILE = "autobatch.json"  # in the run directory: how `train.micro_batch: auto` chose
 
 
 class TrainError(CaracalError):
@@ -128,12 +134,15 @@ def _data_dir(config: Config, data: str | Path | None, run_dir: Path | None = No
     return path
 
 
-def dry_run_report(setup: RunSetup, world_size: int) -> str:
-    """What `--dry-run` prints: the resolved config and the batch plan, checked as a real run would be."""
-    plan = plan_batches(setup.config.train, setup.config.model.context, world_size)
+def dry_run_report(setup: RunSetup, world_size: int, device: str = "auto") -> str:
+    """What `--dry-run` prints: the resolved config and the batch plan, checked as a real run would be
+    (`train.micro_batch: auto` is resolved on `device` as the run would: real steps on a GPU)."""
+    config, choice = choose_micro_batch(setup.config, resolve_device(device), world_size, Console(True, 1, 0, False))
+    plan = plan_batches(config.train, config.model.context, world_size)
+    how = "" if choice.method == "explicit" else f" (auto: {choice.summary()})"
     lines = [config_yaml(setup.config).rstrip(), "",
              f"world size:        {plan.world_size}",
-             f"micro-batch:       {plan.micro_batch} sequences × {plan.context} tokens per process",
+             f"micro-batch:       {plan.micro_batch} sequences × {plan.context} tokens per process{how}",
              f"grad accumulation: {plan.grad_accum} micro-steps",
              f"tokens per step:   {plan.tokens_per_step}",
              f"total steps:       {plan.total_steps} ({setup.config.train.tokens} tokens)",
@@ -237,37 +246,77 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
+EVAL_BATCH_FACTOR = 4  # a no-grad forward keeps one layer's activations, not every layer's: 4x the training micro-batch
+
+
+def validation_batch(config: Config, windows: int) -> int:
+    """Windows per validation forward: the largest divisor of `windows` (so every window is used and shapes
+    stay static for a compiled model) up to EVAL_BATCH_FACTOR × the training micro-batch."""
+    micro = config.train.micro_batch if config.train.micro_batch != "auto" else 1
+    cap = max(1, min(windows, micro * EVAL_BATCH_FACTOR))
+    return next(size for size in range(cap, 0, -1) if windows % size == 0)
+
+
 @torch.no_grad()
 def evaluate_val_loss(model: torch.nn.Module, data_dir: str | Path, config: Config,
                       device: str | torch.device, tokens: int | None = None,
-                      windows: ValidationWindows | None = None) -> float:
+                      windows: ValidationWindows | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> float | None:
     """Mean next-token loss (nats) over the first `tokens` tokens (default `train.eval_tokens`) of the `val`
-    split, in order, in micro-batches of `train.micro_batch` windows (rounded down to whole micro-batches
-    when there are more than one). Under torch.distributed the batches are split among the ranks and every
-    rank runs the same number of forwards (FSDP gathers weights inside them)."""
+    split, in order, in batches of `validation_batch` windows (halved on CUDA out-of-memory). Under
+    torch.distributed the batches are split among the ranks and every rank runs the same number of forwards
+    (FSDP gathers weights inside them). None when `should_stop()` turned true on any rank between batches."""
     device = torch.device(device)
     if windows is None:
         windows = ValidationWindows(data_dir, open_dataset(data_dir, config.model.vocab_size),
                                     config.model.context, tokens or config.train.eval_tokens)
-    size = config.train.micro_batch
-    count = len(windows) - len(windows) % size if len(windows) >= size else len(windows)
-    batches = [(first, min(size, count - first)) for first in range(0, count, size)]
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    size = validation_batch(config, len(windows))
+    while True:
+        try:
+            return _val_loss(model, windows, config, device, size, world, rank, should_stop)
+        except torch.OutOfMemoryError:
+            if size == 1 or world > 1:  # ranks cannot retry alone: their collectives would no longer match
+                raise
+            size = next(s for s in range(size // 2, 0, -1) if len(windows) % s == 0)
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def _val_loss(model, windows: ValidationWindows, config: Config, device: torch.device, size: int, world: int,
+              rank: int, should_stop: Callable[[], bool] | None) -> float | None:
+    batches = [(first, size) for first in range(0, len(windows), size)]
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens)
     was_training = model.training
     model.eval()
-    for round_start in range(0, len(batches), world):
-        index = round_start + rank
-        x, y = windows.batch(*batches[index if index < len(batches) else 0])
-        x, y = to_device(x, device), to_device(y, device)
-        with autocast(device, config.train.dtype):
-            loss = model(x, targets=y, reduction="sum")
-        if index < len(batches):  # a padding batch only keeps the ranks in step
-            totals += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+    # Called directly, a compiled model's forward runs eager: compiling the no-grad forward cost 15-30 s at small
+    # on an H200, far more than the forwards. FSDP2's hooks live in __call__, so a sharded model goes through it.
+    forward = model if hasattr(model, "unshard") else model.forward
+    try:
+        for round_start in range(0, len(batches), world):
+            if should_stop is not None and _any_rank(should_stop(), world, device):
+                return None
+            index = round_start + rank
+            x, y = windows.batch(*batches[index if index < len(batches) else 0])
+            x, y = to_device(x, device), to_device(y, device)
+            with autocast(device, config.train.dtype):
+                loss = forward(x, targets=y, reduction="sum")
+            if index < len(batches):  # a padding batch only keeps the ranks in step
+                totals += torch.stack([loss.double(),
+                                       torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+    finally:
+        model.train(was_training)
     if world > 1:
         dist.all_reduce(totals)
-    model.train(was_training)
     return (totals[0] / totals[1]).item()
+
+
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -334,22 +383,27 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
         if latest_checkpoint(run_dir) is not None:
             raise TrainError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}")
         setup = RunSetup(config, _data_dir(config, data_dir), run_dir, False)
-    config, data_dir, tc = setup.config, setup.data_dir, setup.config.train
+    config, data_dir = setup.config, setup.data_dir
     manifest = open_dataset(data_dir, config.model.vocab_size)
-    plan = plan_batches(tc, config.model.context, ranks.world_size)
-    job = Job(config=config, data_dir=data_dir, manifest=manifest, run_dir=run_dir, resume=setup.resume,
-              plan=plan, ranks=ranks, device=resolve_device(device, ranks.local_rank),
-              batches=TrainBatches(data_dir, manifest, config.model.context, plan.micro_batch, plan.grad_accum,
-                                   ranks.world_size, ranks.rank, tc.seed),
-              val_windows=ValidationWindows(data_dir, manifest, config.model.context, tc.eval_tokens),
-              tokenizer_files=_tokenizer_files(data_dir),
-              end_step=plan.total_steps if max_steps is None else min(plan.total_steps, max_steps),
-              compile=tc.compile if compile is None else compile, peak_flops=peak_flops)
+    dev = resolve_device(device, ranks.local_rank)
+    compile = config.train.compile if compile is None else compile
     if tensorboard:
         require_tensorboard()  # on every rank, before any of them waits for the others
     board = TensorBoard(run_dir) if tensorboard and ranks.main else None
-    created_group = _init_process_group(ranks, job.device)
+    created_group = _init_process_group(ranks, dev)
     try:
+        console = Console(ranks.main and not quiet, config.train.log_every, 0, progress)
+        config, choice = choose_micro_batch(config, dev, ranks.world_size, console)
+        tc = config.train
+        plan = plan_batches(tc, config.model.context, ranks.world_size)
+        job = Job(config=config, data_dir=data_dir, manifest=manifest, run_dir=run_dir, resume=setup.resume,
+                  plan=plan, ranks=ranks, device=dev,
+                  batches=TrainBatches(data_dir, manifest, config.model.context, plan.micro_batch, plan.grad_accum,
+                                       ranks.world_size, ranks.rank, tc.seed),
+                  val_windows=ValidationWindows(data_dir, manifest, config.model.context, tc.eval_tokens),
+                  tokenizer_files=_tokenizer_files(data_dir),
+                  end_step=plan.total_steps if max_steps is None else min(plan.total_steps, max_steps),
+                  compile=compile, peak_flops=peak_flops, micro_batch_choice=choice)
         return _run(job, board, Console(ranks.main and not quiet, tc.log_every, job.end_step, progress))
     finally:
         if board is not None:
@@ -359,6 +413,23 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
             # while the group still exists, so that none of its work is freed during interpreter shutdown.
             gc.collect()
             dist.destroy_process_group()
+
+
+def choose_micro_batch(config: Config, device: torch.device, world_size: int,
+                       console: Console | None = None) -> tuple[Config, AutoBatch]:
+    """`config` with `train.micro_batch: auto` resolved (by real steps on CUDA, see `autobatch`), and how it was
+    chosen; an explicit integer (also what a resumed run saved) is kept as it is."""
+    autobatch.apply_memory_limit(config, device)
+    if config.train.micro_batch != "auto":
+        return config, autobatch.resolve(config, device, world_size)
+    say = console.print if console is not None else (lambda text: None)
+    say(f"micro-batch auto: {'probing real training steps (eager)' if device.type == 'cuda' else 'estimating'}"
+        f" on {device}")
+    choice = autobatch.resolve(config, device, world_size, log=say)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, not the probe's
+    say(f"micro-batch auto → {choice.summary()}")
+    return autobatch.resolved_config(config, choice), choice
 
 
 @dataclass
@@ -378,6 +449,7 @@ class Job:
     end_step: int
     compile: bool
     peak_flops: float | None
+    micro_batch_choice: AutoBatch | None = None
 
 
 def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any]:
@@ -391,6 +463,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
 
     torch.manual_seed(tc.seed)
     model = build_model(config.model)
+    set_activation_checkpointing(model, tc.activation_checkpointing)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     model.to(dev)
@@ -442,6 +515,8 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                 shutil.copyfile(file, run_dir / file.name)
             write_json(run_dir / DATA_FILE, {"path": str(data_dir.resolve()), "tokenizer": manifest["tokenizer"],
                                              "splits": split_summary(manifest), "source": manifest.get("source")})
+            if job.micro_batch_choice is not None and job.micro_batch_choice.method != "explicit":
+                write_json(run_dir / AUTOBATCH_FILE, job.micro_batch_choice.to_dict())
     peak = peak_flops_for(dev, job.peak_flops)
     gpu = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
     mode = "fsdp" if sharded else "ddp" if ranks.world_size > 1 else "single process"
@@ -475,8 +550,13 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
         state.checkpoint = path
         return path
 
-    def evaluate() -> None:
-        state.val_loss = evaluate_val_loss(model, data_dir, config, dev, windows=job.val_windows)
+    def evaluate() -> bool:
+        """Validation; False (nothing recorded) when a stop request cut it short."""
+        val_loss = evaluate_val_loss(model, data_dir, config, dev, windows=job.val_windows,
+                                     should_stop=lambda: bool(stop.caught))
+        if val_loss is None:
+            return False
+        state.val_loss = val_loss
         record = {"step": state.step, "tokens": state.tokens, "val_loss": state.val_loss,
                   "val_ppl": math.exp(min(state.val_loss, 700)), "elapsed": round(state.elapsed, 3)}
         if ranks.main:
@@ -484,6 +564,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
             if board is not None:
                 board.write(record)
         console.print(f"step {state.step} | val loss {state.val_loss:.4f} | val ppl {record['val_ppl']:.2f}")
+        return True
 
     start_step, session_start = state.step, time.perf_counter()
     timed_tokens, timed_seconds, step_time = 0, 0.0, None
@@ -570,7 +651,8 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
 
                 stopping = sigint > 0 or sigterm > 0
                 if state.step % tc.eval_every == 0 and state.step < end_step and not stopping:
-                    evaluate()
+                    if not evaluate():  # stopped by a signal on some rank: save this step and go
+                        stopping, sigterm = True, float(signal.SIGTERM in stop.caught)
                     last_eval = state.step
                 if state.step % tc.checkpoint_every == 0 or stopping:
                     save(loss_value)
@@ -582,12 +664,23 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     break
             if state.step > start_step and state.stopped_by is None:
                 if last_eval != state.step:
-                    evaluate()
+                    began = time.perf_counter()
+                    if evaluate():
+                        console.print(f"final validation: {time.perf_counter() - began:.1f} s")
+                    else:  # a signal during the final validation: save the step and stop, as between steps
+                        state.stopped_by = "SIGTERM" if signal.SIGTERM in stop.caught else "SIGINT"
+                        console.print(f"{state.stopped_by}: final validation stopped after "
+                                      f"{time.perf_counter() - began:.1f} s")
                 if last_save != state.step:
+                    began = time.perf_counter()
                     save(state.loss)
+                    console.print(f"checkpoint {state.checkpoint}: {time.perf_counter() - began:.1f} s")
     finally:
         console.close()
     session = time.perf_counter() - session_start
+    if dev.type == "cuda":
+        console.print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB "
+                      f"(torch.cuda.max_memory_allocated)")
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else (
         (state.step - start_step) * plan.tokens_per_step / session if state.step > start_step else None)
     return {"run_dir": str(run_dir), "step": state.step, "tokens": state.tokens, "loss": state.loss,
@@ -596,7 +689,8 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
             "checkpoint": str(state.checkpoint) if state.checkpoint else None, "stopped_by": state.stopped_by,
             "steps_run": state.step - start_step, "elapsed": state.elapsed, "tokens_per_s": tokens_per_s,
             "mfu": flops * tokens_per_s / (peak * ranks.world_size) if peak and tokens_per_s else None,
-            "world_size": ranks.world_size, "params": params}
+            "world_size": ranks.world_size, "params": params,
+            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
 
 
 def _gather(obj: Any, ranks: Ranks) -> list[Any]:

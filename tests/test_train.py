@@ -83,7 +83,7 @@ def tiny_args(*extra: str) -> list[str]:
 
 # --- the recipe -----------------------------------------------------------------------------------------
 def test_batch_plan_and_a_clear_refusal_when_it_does_not_divide():
-    plan = plan_batches(load_preset("tiny").train, 512, world_size=8)
+    plan = plan_batches(load_preset("tiny", ["train.micro_batch=64"]).train, 512, world_size=8)
     assert (plan.grad_accum, plan.tokens_per_step, plan.total_steps, plan.warmup_steps) == (2, 524288, 19073, 715)
     with pytest.raises(ConfigError, match=r"global_batch_tokens=4096 is not a multiple of .* 16 × 128 × 3 = 6144"):
         plan_batches(load_preset("demo").train, 128, world_size=3)
