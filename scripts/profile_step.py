@@ -57,7 +57,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
-    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: the preset's)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="sequences per step (default: the preset's; auto resolved as `caracal train` would)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model first")
     ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
     ap.add_argument("--warmup", type=int, default=3)
@@ -71,6 +72,10 @@ def main() -> None:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     batch = args.micro_batch or config.train.micro_batch
+    if batch == "auto":
+        from caracal_cli.autobatch import resolve
+
+        batch = resolve(config, device).micro_batch
     length = config.model.context
     model = build_model(config.model).to(device)
     optimizer = build_optimizer(model, config.train, device)
