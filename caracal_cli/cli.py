@@ -276,6 +276,10 @@ def train(
         return
     if world > 1 and "LOCAL_RANK" not in os.environ:
         trainer.plan_batches(setup.config.train, setup.config.model.context, world)  # refuse before launching
+        if node_rank == 0:  # a run directory in use: said in one line here, not by a failed torchrun worker
+            from caracal_cli.fileio import DirectoryLock
+
+            DirectoryLock(setup.run_dir, "run directory").acquire().release()
         child = ["train", "--data", str(setup.data_dir), "--device", device]
         child += ["--resume", str(setup.run_dir)] if setup.resume else ["--preset", preset, "--out",
                                                                           str(setup.run_dir)]

@@ -886,7 +886,11 @@ def summary(result: PrepareResult) -> Table:
     table.add_column("value")
     tok = manifest["tokenizer"]
     table.add_row("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} ids, EOT {tok['eot_id']})")
-    table.add_row("documents", f"{manifest.get('stats', {}).get('documents', 0):,}")
+    stats = manifest.get("stats", {})
+    table.add_row("documents", f"{stats.get('documents', 0):,}")
+    if stats.get("replaced_characters"):
+        table.add_row("replaced", f"{stats['replaced_characters']:,} unencodable characters (lone surrogates) in "
+                                  f"{stats['replaced_documents']:,} documents, by U+FFFD")
     for split in ("train", "val"):
         entries = manifest["splits"][split]
         table.add_row(split, f"{sum(e['tokens'] for e in entries):,} tokens in {len(entries)} shard(s)")
