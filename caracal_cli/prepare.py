@@ -49,7 +49,8 @@ from rich.text import Text
 
 from caracal_cli.fileio import LOCK_FILE, DirectoryLock, sha256_file
 from caracal_cli.shards import (DTYPES, MANIFEST, MANIFEST_FORMAT, ShardError, check_vocab_fits, load_manifest,
-                                save_manifest, shard_name, verify_dataset, version_for_vocab, write_shard)
+                                save_manifest, shard_max_id, shard_name, verify_dataset, version_for_vocab,
+                                write_shard)
 from caracal_cli.tokenizer import (REFERENCE_FILE, TOKENIZER_FILE, GPT2Tokenizer, Tokenizer, load_tokenizer,
                                    train_bpe)
 
@@ -754,6 +755,11 @@ def _prepare_locked(source: Source, out: Path, settings: dict, val: dict, tok: T
             raise CorpusError(f"{out}: holds a dataset made by another command ({made_by}); choose another --out, "
                               f"or pass --overwrite to replace it")
         manifest = verify_dataset(out)
+        missing = [e for entries in manifest["splits"].values() for e in entries if "max_id" not in e]
+        for entry in missing:  # a dataset made before manifests recorded them: training reads them at each open
+            entry["max_id"] = shard_max_id(out / entry["file"])
+        if missing:
+            save_manifest(out, manifest)
         if vocab_limit is not None:
             check_vocab_fits(manifest, vocab_limit)
         if manifest.get("complete"):

@@ -330,6 +330,19 @@ def test_11_lone_surrogates_are_replaced_and_counted_in_the_manifest(tmp_path):
     assert all("max_id" in e for entries in result.manifest["splits"].values() for e in entries)
 
 
+def test_running_prepare_again_records_the_max_ids_an_older_manifest_lacks(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("words and more words\n" * 200)
+    out = prepare.prepare_files([str(corpus)], tmp_path / "out", shard_tokens=300).out
+    manifest = json.loads((out / "manifest.json").read_text())
+    recorded = [e.pop("max_id") for entries in manifest["splits"].values() for e in entries]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = prepare.prepare_files([str(corpus)], out, shard_tokens=300)
+    assert again.status == "complete"
+    assert [e["max_id"] for entries in again.manifest["splits"].values() for e in entries] == recorded
+    assert json.loads((out / "manifest.json").read_text()) == again.manifest
+
+
 def test_12_pieces_stay_bounded_on_a_giant_line_and_cut_exactly_at_spaces():
     from caracal_cli.tokenizer import gpt2
 
