@@ -119,7 +119,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
                 with atomic_write(tmp / STATE_FILE) as handle:
                     # through Python's file, so a full disk is an OSError rather than a C++ iostream error
                     torch.save(trainer_state, handle)
-            write_json(tmp / META_FILE, {"step": step, **meta})
+            write_json(tmp / META_FILE, {"step": step, **meta, "checksums": CHECKSUMS_FILE})
             write_json(tmp / CHECKSUMS_FILE, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
         except (OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot write checkpoint {final} ({_write_error(err, root)})") from None
@@ -170,7 +170,11 @@ def verify_checkpoint(checkpoint: str | Path, files: tuple[str, ...] | None = No
     checkpoint = Path(checkpoint)
     path = checkpoint / CHECKSUMS_FILE
     if not path.is_file():
-        return None if (checkpoint / META_FILE).is_file() else f"no {META_FILE}"
+        try:
+            written_with = read_meta(checkpoint).get("checksums")
+        except CheckpointError as err:
+            return str(err).removeprefix(f"{checkpoint}/")
+        return f"{CHECKSUMS_FILE} is missing" if written_with else None
     try:
         sums = json.loads(path.read_text())
         assert isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
@@ -269,7 +273,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", with_tokeni
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / META_FILE).read_text())
+    path = Path(checkpoint) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a checkpoint's meta")
+    return meta
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path:

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from caracal_cli import prepare, shards
 from caracal_cli import train as train_module
-from caracal_cli.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
+from caracal_cli.checkpoint import CheckpointError, intact_checkpoint, latest_checkpoint, resolve_checkpoint
 from caracal_cli.cli import app
 from caracal_cli.config import ConfigError, load_preset
 from caracal_cli.fileio import LOCK_FILE, DirectoryLock, sha256_file
@@ -187,6 +187,22 @@ def test_4_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(four_
     assert train_losses(run) == train_losses(six_steps["run_dir"])
 
 
+@pytest.mark.parametrize("name", ["trainer.pt", "model.safetensors", "meta.json", "checksums.json"])
+@pytest.mark.parametrize("how", ["zeroed", "truncated", "deleted", "garbage"])
+def test_every_kind_of_damage_to_the_newest_checkpoint_falls_back(four_steps, tmp_path, name, how):
+    run = copy_run(four_steps, tmp_path)
+    path = run / "checkpoints" / "step_00000004" / name
+    if how == "zeroed":
+        damage(path, offset=min(1000, path.stat().st_size // 2), size=4096)
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    elif how == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(b"\x00garbage\xff" * 10)
+    assert intact_checkpoint(run).name == "step_00000002"
+
+
 def test_eval_and_generate_verify_the_weights_they_read(four_steps, tmp_path, capsys):
     run = copy_run(four_steps, tmp_path)
     newest = run / "checkpoints" / "step_00000004"
@@ -207,6 +223,9 @@ def test_weights_of_the_wrong_dtype_or_shape_are_refused_in_one_line(four_steps,
     run = copy_run(four_steps, tmp_path)
     ckpt = latest_checkpoint(run)
     (ckpt / "checksums.json").unlink()  # as a checkpoint written before checksums: only the load checks it
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["checksums"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
     state = load_file(str(ckpt / "model.safetensors"))
     if what == "garbage":
         (ckpt / "model.safetensors").write_bytes(b"\xff" * 64)
