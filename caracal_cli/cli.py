@@ -359,6 +359,10 @@ def evaluate(
                                          online=online, log_samples=log_samples)
     except (CaracalError, UserError) as err:
         fail(str(err))
+    except OSError as err:  # a read-only or full --out, …
+        from caracal_cli.fileio import describe_os_error
+
+        fail(describe_os_error(err))
     for table in ev.results_tables(summary):
         console.print(table)
     console.print(f"results: {summary['results_path']}", highlight=False, soft_wrap=True)

@@ -281,7 +281,7 @@ def other_tokenizer_dataset(data: Path, tmp_path: Path) -> Path:
 
 
 def test_9_resume_refuses_other_data_or_tokenizer_and_follows_the_same_data_moved(four_steps, data, tmp_path,
-                                                                                 capsys):
+                                                                                 capsys, monkeypatch):
     run = copy_run(four_steps, tmp_path)
     result = runner.invoke(app, ["train", "--resume", str(run), "--data", str(other_tokenizer_dataset(data, tmp_path)),
                                  "--device", "cpu"])
@@ -289,15 +289,28 @@ def test_9_resume_refuses_other_data_or_tokenizer_and_follows_the_same_data_move
     other = make_dataset(tmp_path / "other-data", train_tokens=42_000, val_tokens=4_096, seed=1)
     result = runner.invoke(app, ["train", "--resume", str(run), "--data", str(other), "--device", "cpu"])
     one_line_error(result, "not the data the run trained on")
+    recorded = json.loads((run / "data.json").read_text())
+    older = tmp_path / "older-run"  # data.json from before fingerprints: the split sizes are compared
+    older.mkdir()
+    (older / "data.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "fingerprint"}))
+    with pytest.raises(train_module.TrainError, match="train: 40000 tokens in 2 shards then, 42000 in 2 now"):
+        train_module.check_same_data(older, other, open_dataset(other, 512), update=False)
     moved = Path(shutil.copytree(data, tmp_path / "moved"))
-    torch.set_num_threads(2)  # the checkpoint was written with one thread
-    try:
-        train(None, moved, run, max_steps=5, resume=True, device="cpu", quiet=True)
-    finally:
-        torch.set_num_threads(1)
+    # as if computing with two threads (the checkpoint was written with one; two spinning OpenMP threads on a
+    # busy 2-core machine are slow, and the check only compares the counts)
+    monkeypatch.setattr(train_module, "_threads", lambda tc: 2)
+    train(None, moved, run, max_steps=5, resume=True, device="cpu", quiet=True)
     err = capsys.readouterr().err
     assert "the run's data moved" in err and "CPU threads 1 → 2" in err and "not be bit-identical" in err
     assert json.loads((run / "data.json").read_text())["path"] == str(moved.resolve())
+
+
+def test_a_resume_at_another_world_size_warns_that_it_will_not_be_bit_identical(capsys):
+    train_module._warn_inexact_resume({"world_size": 2, "device": "cuda"}, 1, torch.device("cpu"), None)
+    assert "resuming with world size 2 → 1: the same batches, summed in another order" in capsys.readouterr().err
+    train_module._warn_inexact_resume({"world_size": 1, "device": "cpu", "threads": torch.get_num_threads()}, 1,
+                                      torch.device("cpu"), load_preset("demo").train)
+    assert capsys.readouterr().err == ""
 
 
 def test_9_an_incomplete_dataset_is_refused_unless_asked_for(data, tmp_path):
