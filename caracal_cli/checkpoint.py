@@ -159,14 +159,18 @@ def remove_orphans(run_dir: str | Path) -> list[Path]:
     found = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
     found += [p for p in (run_dir / "checkpoints").glob(".step_*") if p.is_dir()]
     for path in found:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return found
 
 
 def verify_checkpoint(checkpoint: str | Path, files: tuple[str, ...] | None = None) -> str | None:
     """Why `checkpoint` cannot be trusted (a listed file missing or changed), or None when its files match
     checksums.json. `files` limits the check to the files a reader needs. A checkpoint written before
-    checksums existed has none to check and passes."""
+    checksums existed has none to check and passes; one whose meta.json says it was written with them and
+    lacks them does not."""
     checkpoint = Path(checkpoint)
     path = checkpoint / CHECKSUMS_FILE
     if not path.is_file():
@@ -177,8 +181,9 @@ def verify_checkpoint(checkpoint: str | Path, files: tuple[str, ...] | None = No
         return f"{CHECKSUMS_FILE} is missing" if written_with else None
     try:
         sums = json.loads(path.read_text())
-        assert isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError):
+        sums = None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         return f"{CHECKSUMS_FILE} is damaged"
     for name in files or sorted(sums):
         if name not in sums:
