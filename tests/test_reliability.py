@@ -93,6 +93,9 @@ def test_1_a_second_trainer_on_a_run_directory_fails_at_once_naming_the_holder(d
                                      "--device", "cpu", "--max-steps", "1", *tiny_args()])
         one_line_error(result, f"{run} is in use by pid {os.getpid()} on ")
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # the second one wrote nothing
+        result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run),
+                                     "--device", "cpu", "--nproc-per-node", "2", *tiny_args()])
+        one_line_error(result, f"{run} is in use by pid {os.getpid()} on ")  # before torchrun is launched
     assert not run.exists()  # the lock made the directory and took it away again, empty
 
 
