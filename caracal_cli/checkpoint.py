@@ -193,7 +193,7 @@ def verify_checkpoint(checkpoint: str | Path, files: tuple[str, ...] | None = No
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
         if sha256_file(checkpoint / name) != sums[name]:
-            return f"{name} differs from its checksum (damaged)"
+            return f"{name} does not match its checksum"
     return None
 
 

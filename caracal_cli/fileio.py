@@ -79,8 +79,9 @@ class LockError(CaracalError):
 
 
 def _owner_line(owner: dict[str, Any]) -> str:
-    return (f"pid {owner.get('pid')} on {owner.get('host')}"
-            + (f" ({owner['command']})" if owner.get("command") else ""))
+    command = str(owner.get("command") or "")
+    command = command if len(command) <= 60 else command[:59] + "…"
+    return f"pid {owner.get('pid')} on {owner.get('host')}" + (f" ({command})" if command else "")
 
 
 def _read_owner(path: Path) -> dict[str, Any]:
@@ -146,7 +147,9 @@ class DirectoryLock:
                  f"it (killed or crashed)")
         handle.seek(0)
         handle.truncate()
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+        argv = sys.argv or [""]
+        program = "caracal" if Path(argv[0]).name in ("caracal", "__main__.py") else Path(argv[0]).name
+        command = " ".join([program, *argv[1:]]).strip()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                                  "since": round(time.time())}) + "\n")
         handle.flush()

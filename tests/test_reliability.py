@@ -185,7 +185,7 @@ def test_4_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(four_
     damage(run / "checkpoints" / "step_00000004" / "trainer.pt")
     resumed = train(None, None, run, max_steps=6, resume=True, device="cpu", quiet=True)
     err = capsys.readouterr().err
-    assert "skipped damaged checkpoint step_00000004 (trainer.pt differs from its checksum (damaged))" in err
+    assert "skipped damaged checkpoint step_00000004 (trainer.pt does not match its checksum)" in err
     assert resumed["steps_run"] == 4 and same_weights(run, six_steps["run_dir"])  # from step 2, bit for bit
     assert train_losses(run) == train_losses(six_steps["run_dir"])
 
@@ -213,12 +213,12 @@ def test_eval_and_generate_verify_the_weights_they_read(four_steps, tmp_path, ca
     assert resolve_checkpoint(run)[1] == newest
     damage(newest / "model.safetensors", offset=200)
     assert resolve_checkpoint(run)[1].name == "step_00000002"
-    assert "skipped damaged checkpoint step_00000004 (model.safetensors differs" in capsys.readouterr().err
-    with pytest.raises(CheckpointError, match="model.safetensors differs from its checksum"):
+    assert "skipped damaged checkpoint step_00000004 (model.safetensors does not match" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum"):
         resolve_checkpoint(newest)
     damage(run / "checkpoints" / "step_00000002" / "model.safetensors", offset=200)
     result = runner.invoke(app, ["generate", "--checkpoint", str(run), "--prompt", "x", "--device", "cpu"])
-    one_line_error(result, "every checkpoint is damaged (step_00000004: model.safetensors differs")
+    one_line_error(result, "every checkpoint is damaged (step_00000004: model.safetensors does not match")
 
 
 @pytest.mark.parametrize("what", ["int64", "shape", "garbage"])
