@@ -7,14 +7,19 @@
       metrics.jsonl                one JSON object per step (and one per validation)
       tensorboard/                 with `caracal train --tensorboard`
       checkpoints/step_00000100/   model.safetensors (weights), trainer.pt (optimizer, schedule, data
-                                   position, RNG states; read with weights_only=True), meta.json
+                                   position, RNG states; read with weights_only=True), meta.json,
+                                   checksums.json (SHA-256 of the others, written last)
 
 A checkpoint directory is assembled under a temporary name and renamed into place, so a crash leaves either
-the whole checkpoint or none. Weights are safetensors; nothing is unpickled.
+the whole checkpoint or none (a leftover temporary directory is removed at the next start, see
+`remove_orphans`). Its files are verified against checksums.json before they are read; a run directory's
+newest intact checkpoint is the one used, a damaged newer one skipped with a warning. Weights are safetensors;
+nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -24,16 +29,18 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from caracal_cli.config import CaracalError, Config, config_from_dict
-from caracal_cli.fileio import atomic_write, write_json
+from caracal_cli.config import CaracalError, Config, config_from_dict, warn
+from caracal_cli.fileio import atomic_write, sha256_file, write_json
 from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer.pt"
 META_FILE = "meta.json"
+CHECKSUMS_FILE = "checksums.json"
 
 
 class CheckpointError(CaracalError):
@@ -105,38 +112,132 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        save_file(weights, str(tmp / WEIGHTS_FILE))
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / STATE_FILE)
-        write_json(tmp / META_FILE, {"step": step, **meta})
+        try:
+            with atomic_write(tmp / WEIGHTS_FILE) as handle:
+                handle.write(save(weights))
+            if trainer_state is not None:
+                with atomic_write(tmp / STATE_FILE) as handle:
+                    # through Python's file, so a full disk is an OSError rather than a C++ iostream error
+                    torch.save(trainer_state, handle)
+            write_json(tmp / META_FILE, {"step": step, **meta, "checksums": CHECKSUMS_FILE})
+            write_json(tmp / CHECKSUMS_FILE, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
+        except (OSError, RuntimeError) as err:
+            raise CheckpointError(f"cannot write checkpoint {final} ({_write_error(err, root)})") from None
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep is not None:
         for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint directory by first renaming it to a temporary name, so a kill midway leaves an
+    orphan for `remove_orphans`, never a half-deleted checkpoint under its own name."""
+    doomed = Path(tempfile.mkdtemp(prefix=f".{checkpoint.name}.", suffix=".old", dir=checkpoint.parent))
+    checkpoint.rename(doomed / checkpoint.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _write_error(err: Exception, root: Path) -> str:
+    from caracal_cli.fileio import describe_os_error
+
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(root).free < 1 << 20:
+            return "no space left on device"
+    return describe_os_error(err) if isinstance(err, OSError) else str(err).splitlines()[0]
+
+
+def remove_orphans(run_dir: str | Path) -> list[Path]:
+    """Remove what a killed writer left: temporary checkpoint directories (checkpoints/.step_*) and temporary
+    files (.NAME.*.tmp) of the run directory. Call it only while holding the run's lock."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    found += [p for p in (run_dir / "checkpoints").glob(".step_*") if p.is_dir()]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def verify_checkpoint(checkpoint: str | Path, files: tuple[str, ...] | None = None) -> str | None:
+    """Why `checkpoint` cannot be trusted (a listed file missing or changed), or None when its files match
+    checksums.json. `files` limits the check to the files a reader needs. A checkpoint written before
+    checksums existed has none to check and passes; one whose meta.json says it was written with them and
+    lacks them does not."""
+    checkpoint = Path(checkpoint)
+    path = checkpoint / CHECKSUMS_FILE
+    if not path.is_file():
+        try:
+            written_with = read_meta(checkpoint).get("checksums")
+        except CheckpointError as err:
+            return str(err).removeprefix(f"{checkpoint}/")
+        return f"{CHECKSUMS_FILE} is missing" if written_with else None
+    try:
+        sums = json.loads(path.read_text())
+    except (OSError, ValueError):
+        sums = None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        return f"{CHECKSUMS_FILE} is damaged"
+    for name in files or sorted(sums):
+        if name not in sums:
+            if (checkpoint / name).exists():
+                return f"{name} is not in {CHECKSUMS_FILE}"
+            continue
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(checkpoint / name) != sums[name]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def intact_checkpoint(run_dir: str | Path, files: tuple[str, ...] | None = None) -> Path | None:
+    """The newest checkpoint of `run_dir` whose files pass `verify_checkpoint`, warning about each newer one
+    skipped; None when there is no checkpoint. Raises CheckpointError when every checkpoint is damaged."""
+    dirs = checkpoint_dirs(run_dir)
+    skipped = []
+    for checkpoint in reversed(dirs):
+        problem = verify_checkpoint(checkpoint, files)
+        if problem is None:
+            for name, why in skipped:
+                warn(f"skipped damaged checkpoint {name} ({why}); using {checkpoint.name}")
+            return checkpoint
+        skipped.append((checkpoint.name, problem))
+    if skipped:
+        raise CheckpointError(f"{run_dir}: every checkpoint is damaged ("
+                              + "; ".join(f"{name}: {why}" for name, why in skipped) + ")")
+    return None
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (this checkpoint holds weights only)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged zip or pickle: torch raises RuntimeError, UnpicklingError, …
+        raise CheckpointError(f"{path}: cannot be read ({str(err).splitlines()[0] if str(err) else err!r})") \
+            from None
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run_dir, checkpoint_dir) for a run directory (its newest checkpoint) or a checkpoint directory."""
+    """(run_dir, checkpoint_dir) for a run directory (its newest intact checkpoint, see `intact_checkpoint`)
+    or a checkpoint directory (refused when damaged). Only the weights are verified: that is what is read."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
+        if problem := verify_checkpoint(path, (WEIGHTS_FILE,)):
+            raise CheckpointError(f"{path}: {problem}")
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
         return run_dir, path
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
-    latest = latest_checkpoint(path)
+    latest = intact_checkpoint(path, (WEIGHTS_FILE,))
     if latest is None:
         raise CheckpointError(f"{path}: no checkpoints yet")
     return path, latest
@@ -144,8 +245,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """Load a checkpoint's safetensors into `model`, which must have exactly its parameters (a tied output
-    head is stored once, as the embedding)."""
-    state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
+    head is stored once, as the embedding), each of the same shape and a floating-point dtype."""
+    path = Path(checkpoint) / WEIGHTS_FILE
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and (tensor.shape != expected[name].shape or not tensor.is_floating_point()):
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype} {list(tensor.shape)}, the run's config "
+                                  f"makes it {expected[name].dtype} {list(expected[name].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -168,7 +278,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", with_tokeni
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / META_FILE).read_text())
+    path = Path(checkpoint) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a checkpoint's meta")
+    return meta
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path:

@@ -47,6 +47,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except (CaracalError, UserError, FileNotFoundError) as err:
             fail(str(err))
+        except OSError as err:  # a full disk, a read-only directory, a file where a directory should be, …
+            from caracal_cli.fileio import describe_os_error
+
+            fail(describe_os_error(err))
 
     return wrapper
 
@@ -254,6 +258,8 @@ def train(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (as train.compile=true)."),
     peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU "
                                                "(default: 989e12 on H100/H200; none on CPU)."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on a dataset whose "
+                                          "`caracal prepare` was stopped before the end (refused otherwise)."),
 ):
     """Pretrain a preset, on one process or under torchrun (resumable). Ctrl-C or SIGTERM finishes the step,
     saves a checkpoint and exits 130 or 143."""
@@ -273,6 +279,10 @@ def train(
             trainer.autobatch.candidates(setup.config, world)
         else:
             trainer.plan_batches(setup.config.train, setup.config.model.context, world)
+        if node_rank == 0:  # a run directory in use: said in one line here, not by a failed torchrun worker
+            from caracal_cli.fileio import DirectoryLock
+
+            DirectoryLock(setup.run_dir, "run directory").acquire().release()
         child = ["train", "--data", str(setup.data_dir), "--device", device]
         child += ["--resume", str(setup.run_dir)] if setup.resume else ["--preset", preset, "--out",
                                                                           str(setup.run_dir)]
@@ -281,12 +291,13 @@ def train(
         child += ["--max-steps", str(max_steps)] if max_steps else []
         child += ["--peak-flops", str(peak_flops)] if peak_flops else []
         child += (["--tensorboard"] if tensorboard else []) + (["--compile"] if compile else [])
+        child += ["--allow-incomplete"] if allow_incomplete else []
         raise typer.Exit(trainer.launch(trainer.torchrun_command(child, nproc_per_node, nnodes, node_rank,
                                                                  rdzv_endpoint)))
     try:
         result = trainer.train(setup.config, setup.data_dir, setup.run_dir, max_steps=max_steps,
                                resume=setup.resume, device=device, tensorboard=tensorboard, peak_flops=peak_flops,
-                               compile=compile or None)
+                               compile=compile or None, allow_incomplete=allow_incomplete)
     except CaracalError:
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
             raise typer.Exit(1) from None
@@ -351,6 +362,10 @@ def evaluate(
                                          online=online, log_samples=log_samples)
     except (CaracalError, UserError) as err:
         fail(str(err))
+    except OSError as err:  # a read-only or full --out, …
+        from caracal_cli.fileio import describe_os_error
+
+        fail(describe_os_error(err))
     for table in ev.results_tables(summary):
         console.print(table)
     console.print(f"results: {summary['results_path']}", highlight=False, soft_wrap=True)
@@ -393,11 +408,13 @@ def generate(
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise UserError(f"{prompt_file}: prompt file not found")
-        prompt = prompt_file.read_text()
+        prompt = _utf8(prompt_file.read_bytes(), str(prompt_file))
     elif prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise UserError("give a prompt: --prompt TEXT, --prompt-file FILE, or text on standard input")
-        prompt = sys.stdin.read()
+        prompt = _utf8(sys.stdin.buffer.read(), "standard input")
+    elif any("\ud800" <= ch <= "\udfff" for ch in prompt):  # undecodable argv bytes arrive as surrogates
+        raise UserError("--prompt: the prompt is not UTF-8 text")
     if not prompt:
         raise UserError("the prompt is empty")
     if checkpoint is None:
@@ -410,6 +427,14 @@ def generate(
     for piece in stream_text(tokenizer, (t for t in ids if t != tokenizer.eot_id)):
         console.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
     console.print()
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where}: the prompt is not UTF-8 text (byte {data[err.start]:#04x} at offset "
+                        f"{err.start})") from None
 
 
 # --- speed ------------------------------------------------------------------------------------------------

@@ -24,6 +24,14 @@ class CaracalError(ValueError):
     """A problem with the user's input or files: the CLI prints its message as one line, with no traceback."""
 
 
+def warn(message: str) -> None:
+    """A one-line warning on stderr: something was worked around (a damaged checkpoint skipped, a stale lock
+    taken over) and the run goes on."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class ConfigError(CaracalError):
     """A preset or override that cannot be used; the message names the key and the problem."""
 
@@ -78,6 +86,9 @@ class ModelConfig:
         for letter in self.pattern:
             if letter not in self.mixers:
                 raise ConfigError(f"model.pattern letter {letter!r} has no entry in model.mixers")
+        for name in ("init_std", "rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         _choice("model.mlp", self.mlp, ["swiglu", "gelu", "none"])
         _choice("model.pos_emb", self.pos_emb, ["none", "rope", "learned"])
         from caracal_cli.mixers import mixer_config  # late: mixers import this module
@@ -127,7 +138,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         require_positive(self, "train", ["tokens", "global_batch_tokens", "eval_every",
-                                  "checkpoint_every", "keep_checkpoints", "log_every"])
+                                  "eval_tokens", "checkpoint_every", "keep_checkpoints", "log_every"])
+        for name in ("warmup_tokens", "weight_decay", "grad_clip", "seed"):  # grad_clip 0: no clipping
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.micro_batch != "auto" and (isinstance(self.micro_batch, str) or self.micro_batch < 1):
             raise ConfigError(f"train.micro_batch must be a positive integer or auto, got {self.micro_batch!r}")
         if self.memory_limit_gb is not None and not self.memory_limit_gb > 0:
@@ -262,9 +276,11 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a preset is YAML)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -292,6 +308,8 @@ def _load_raw(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str
     parent = raw.pop("inherit", None)
     if parent is None:
         return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: inherit must name one preset (a string), got {parent!r}")
     parent_path = path.parent / f"{parent}.yaml" if (path.parent / f"{parent}.yaml").exists() else parent
     base = _load_raw(parent_path, seen + (path,))
     base.pop("description", None)

@@ -7,10 +7,15 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
+
+from caracal_cli.config import CaracalError, warn
 
 
 _UMASK = os.umask(0)
@@ -56,3 +61,114 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def describe_os_error(err: OSError) -> str:
+    """An OSError as one line naming the file: 'PATH: No space left on device'."""
+    where = err.filename if err.filename is not None else ""
+    what = err.strerror or str(err) or type(err).__name__
+    return f"{where}: {what}" if where else what
+
+
+# --- one writer per directory ---------------------------------------------------------------------------
+LOCK_FILE = ".caracal.lock"
+
+
+class LockError(CaracalError):
+    """Another process holds the directory (the message names it), or the directory cannot be locked."""
+
+
+def _owner_line(owner: dict[str, Any]) -> str:
+    command = str(owner.get("command") or "")
+    command = command if len(command) <= 60 else command[:59] + "…"
+    return f"pid {owner.get('pid')} on {owner.get('host')}" + (f" ({command})" if command else "")
+
+
+def _read_owner(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        owner = json.loads(path.read_text())
+        if isinstance(owner, dict):
+            return owner
+    return {}
+
+
+class DirectoryLock:
+    """An advisory lock (flock) on DIR/.caracal.lock, held while one process writes a run or dataset directory.
+
+    The lock file records its owner (pid, host, command). The kernel releases a flock when its process dies,
+    however it dies, so a lock file that is present but not locked was left by a dead owner: it is taken over,
+    with a warning naming that owner. A second writer fails at once with a LockError naming the holder. The
+    file is removed on release; a process that opened it before the removal notices (the path no longer
+    names the file it locked) and tries again."""
+
+    def __init__(self, directory: str | Path, what: str = "directory"):
+        self.directory, self.what = Path(directory), what
+        self.path = self.directory / LOCK_FILE
+        self.handle = None
+        self.created = False  # the directory was made for the lock: removed on release if still empty
+
+    def acquire(self) -> DirectoryLock:
+        import fcntl  # POSIX only, like the rest of the toolkit's process handling
+
+        if self.directory.exists() and not self.directory.is_dir():
+            raise LockError(f"{self.directory}: exists and is not a directory")
+        try:
+            self.created = not self.directory.exists()
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LockError(f"cannot create {self.what} {self.directory} ({describe_os_error(err)})") from None
+        while True:
+            try:
+                handle = open(self.path, "a+")  # noqa: SIM115 (held open for as long as the lock)
+            except OSError as err:
+                raise LockError(f"cannot write to {self.what} {self.directory} ({describe_os_error(err)})") from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_owner(self.path)
+                handle.close()
+                held = _owner_line(owner) if owner else "another process"
+                raise LockError(f"{self.directory} is in use by {held}: one writer at a time (wait for it to "
+                                f"finish, or stop it)") from None
+            except OSError as err:  # a file system without flock (some network mounts)
+                handle.close()
+                raise LockError(f"cannot lock {self.what} {self.directory} ({describe_os_error(err)})") from None
+            try:
+                same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()  # the previous owner removed the file between our open and our lock: again
+        handle.seek(0)
+        if handle.read().strip():
+            stale = _read_owner(self.path) or {"pid": "?", "host": "?"}
+            warn(f"{self.directory}: took over a stale lock left by {_owner_line(stale)}, which no longer holds "
+                 f"it (killed or crashed)")
+        handle.seek(0)
+        handle.truncate()
+        argv = sys.argv or [""]
+        program = "caracal" if Path(argv[0]).name in ("caracal", "__main__.py") else Path(argv[0]).name
+        command = " ".join([program, *argv[1:]]).strip()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                 "since": round(time.time())}) + "\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.handle.close()  # closing drops the flock
+        self.handle = None
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()  # only if empty: nothing was written after all
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -20,20 +20,28 @@ import numpy as np
 import torch
 
 from caracal_cli.config import CaracalError
-from caracal_cli.shards import ShardError, check_vocab_fits, load_manifest, split_tokens
+from caracal_cli.shards import ShardError, check_max_ids, check_vocab_fits, load_manifest, split_tokens
 
 
 class DataError(CaracalError):
     """A dataset that cannot feed this model or batch; the message names the numbers."""
 
 
-def open_dataset(data_dir: str | Path, vocab_size: int) -> dict[str, Any]:
-    """The dataset's manifest, after checking that its tokenizer fits a model of `vocab_size` ids."""
+def open_dataset(data_dir: str | Path, vocab_size: int, allow_incomplete: bool = False) -> dict[str, Any]:
+    """The dataset's manifest, after checking that it is complete (unless `allow_incomplete`), that its
+    tokenizer fits a model of `vocab_size` ids, and that no shard holds an id outside the tokenizer's
+    vocabulary (the largest id of each shard, as the manifest records it)."""
     manifest = load_manifest(data_dir)
+    if manifest.get("complete") is False and not allow_incomplete:
+        held = sum(e["tokens"] for entries in manifest["splits"].values() for e in entries)
+        raise DataError(f"{data_dir}: an incomplete dataset ({held:,} tokens so far; `caracal prepare` was "
+                        f"stopped before the end): re-run its command to finish it, or pass --allow-incomplete "
+                        f"to train on what it holds")
     try:
         check_vocab_fits(manifest, vocab_size)
+        check_max_ids(data_dir, manifest)
     except ShardError as err:
-        raise DataError(f"{data_dir}: {err}") from None
+        raise DataError(f"{data_dir}: {err}" if str(data_dir) not in str(err) else str(err)) from None
     return manifest
 
 
@@ -43,11 +51,14 @@ def split_summary(manifest: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 class TokenStream:
-    """The shards of one split seen as a single 1-D token array (memory maps; reads copy only a window)."""
+    """The shards of one split seen as a single 1-D token array (memory maps; reads copy only a window).
+    With `vocab_size`, a read holding an id outside the vocabulary (a shard changed after it was checked at
+    open) is refused with a DataError instead of indexing past the embedding."""
 
-    def __init__(self, shards: list[np.ndarray]):
+    def __init__(self, shards: list[np.ndarray], vocab_size: int | None = None, where: str = "the split"):
         self.shards = [s for s in shards if len(s)]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # shard i holds [starts[i], starts[i+1])
+        self.vocab_size, self.where = vocab_size, where
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -63,6 +74,10 @@ class TokenStream:
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             shard += 1
+        if self.vocab_size is not None and length and out.max() >= self.vocab_size:
+            raise DataError(f"{self.where}: token id {out.max()} near token {start + int(out.argmax()):,} is "
+                            f"outside the vocabulary of {self.vocab_size} ids (a damaged shard: check it with "
+                            f"`caracal prepare verify`)")
         return out
 
 
@@ -75,7 +90,8 @@ class TrainBatches:
 
     def __init__(self, data_dir: str | Path, manifest: dict[str, Any], context: int, micro_batch: int,
                  grad_accum: int, world_size: int = 1, rank: int = 0, seed: int = 0):
-        self.stream = TokenStream(split_tokens(data_dir, manifest, "train"))
+        self.stream = TokenStream(split_tokens(data_dir, manifest, "train"), manifest["tokenizer"]["vocab_size"],
+                                  f"{data_dir} (train split)")
         self.context, self.micro_batch, self.grad_accum = context, micro_batch, grad_accum
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.sequences_per_step = micro_batch * grad_accum * world_size
@@ -126,8 +142,12 @@ class ValidationWindows:
     """The first `tokens` tokens of the `val` split as consecutive windows of ``context + 1`` tokens."""
 
     def __init__(self, data_dir: str | Path, manifest: dict[str, Any], context: int, tokens: int):
-        self.stream = TokenStream(split_tokens(data_dir, manifest, "val"))
+        self.stream = TokenStream(split_tokens(data_dir, manifest, "val"), manifest["tokenizer"]["vocab_size"],
+                                  f"{data_dir} (val split)")
         self.context = context
+        if tokens < context:
+            raise DataError(f"train.eval_tokens={tokens} is less than one validation window of model.context = "
+                            f"{context} tokens: raise it")
         self.count = (min(tokens, len(self.stream) - 1) // context) if len(self.stream) > context else 0
         if self.count == 0:
             raise DataError(f"{data_dir}: the val split holds {len(self.stream)} tokens, fewer than one window "

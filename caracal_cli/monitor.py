@@ -44,18 +44,21 @@ def format_step(record: dict[str, Any], total_steps: int, eta: float) -> str:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended as the run goes."""
+    """metrics.jsonl: one JSON object per line, appended as the run goes; rewritten only atomically."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / METRICS_FILE
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run logs those steps again)."""
+        """Drop records past `step` (a resumed run logs those steps again, a fresh run, step 0, all of them),
+        and a last line torn by a kill."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        from caracal_cli.fileio import atomic_write
+
+        kept = [record for record in read_metrics(self.path.parent) if record.get("step", 0) <= step]
+        with atomic_write(self.path, "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in kept)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
@@ -63,8 +66,26 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/metrics.jsonl; a torn last line (the run was killed while appending) is left
+    out, a damaged line elsewhere is an error naming it."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError as err:
+            if number == len(lines):
+                break
+            raise CaracalError(f"{path}:{number}: not a metrics record ({err})") from None
+        records.append(record)
+    return records
 
 
 def require_tensorboard() -> None:

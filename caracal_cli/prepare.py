@@ -28,7 +28,9 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -45,9 +47,10 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from caracal_cli.fileio import sha256_file
+from caracal_cli.fileio import LOCK_FILE, DirectoryLock, sha256_file
 from caracal_cli.shards import (DTYPES, MANIFEST, MANIFEST_FORMAT, ShardError, check_vocab_fits, load_manifest,
-                                save_manifest, shard_name, verify_dataset, version_for_vocab, write_shard)
+                                save_manifest, shard_max_id, shard_name, verify_dataset, version_for_vocab,
+                                write_shard)
 from caracal_cli.tokenizer import (REFERENCE_FILE, TOKENIZER_FILE, GPT2Tokenizer, Tokenizer, load_tokenizer,
                                    train_bpe)
 
@@ -59,6 +62,8 @@ FORMATS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndj
            ".parquet": "parquet"}
 BATCH_CHARS = 1 << 20  # characters per batch sent to the tokenizer (or to one worker process)
 PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this size
+MAX_PIECE_CHARS = 1 << 19  # and never more: a tokenizer takes ~35 bytes per character of one piece
+_SURROGATES = re.compile("[\ud800-\udfff]")  # lone surrogates (JSON "\ud800" escapes): not encodable text
 
 
 class CorpusError(ShardError):
@@ -217,6 +222,8 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
                 raise CorpusError(f"{path}:{number}: not UTF-8 text") from None
             except json.JSONDecodeError as err:
                 raise CorpusError(f"{path}:{number}: not a JSON line ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise CorpusError(f"{path}:{number}: JSON nested too deeply to read") from None
             if not isinstance(row, dict):
                 raise CorpusError(f"{path}:{number}: a JSON line must be an object holding {field!r}")
             if field not in row:
@@ -404,21 +411,33 @@ def fineweb_source(sample: str = "10BT", data_files: Iterable[str] | None = None
 
 
 # --- tokenization -------------------------------------------------------------------------------------------
-def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of about `size` characters, each cut just after a newline that stands alone between
-    two non-space characters. GPT-2's pre-tokenizer makes such a newline a token of its own however the text goes
-    on, so the pieces' tokens, concatenated, are the text's tokens (the tests check it; a newline next to other
-    whitespace would not do: "\n\n" at the end of a piece is one token, inside the text two). Long documents so
-    spread over cores, and no single encode call holds a whole book."""
+def _cut(text: str, sep: str, first: int, last: int, after: int) -> int:
+    """The first `sep` in text[first:last] standing alone between two non-space characters, or -1; the cut
+    falls `after` characters past it."""
+    cut = text.find(sep, first, last)
+    while cut != -1 and not (text[cut - 1:cut].strip() and text[cut + 1:cut + 2].strip()):
+        cut = text.find(sep, cut + 1, last)
+    return cut + after if cut != -1 else -1
+
+
+def _pieces(text: str, size: int = PIECE_CHARS, largest: int = MAX_PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of `size` to `largest` characters: just after a newline that stands alone between
+    two non-space characters, else just before such a space. GPT-2's pre-tokenizer starts a token at either
+    however the text goes on, so the pieces' tokens, concatenated, are the text's tokens (the tests check it; a
+    newline next to other whitespace would not do: "\n\n" at the end of a piece is one token, inside the text
+    two). Long documents so spread over cores, and no encode call holds more than `largest` characters: a run
+    that long without whitespace is cut where it reaches that length (its tokens then differ at the cut)."""
     pieces, start = [], 0
     while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        while cut != -1 and not (text[cut - 1:cut].strip() and text[cut + 1:cut + 2].strip()):
-            cut = text.find("\n", cut + 1)
+        last = start + largest
+        cut = _cut(text, "\n", start + size, last, 1)
+        cut = cut if cut != -1 else _cut(text, " ", start + size, last, 0)
         if cut == -1:
-            break
-        pieces.append(text[start:cut + 1])
-        start = cut + 1
+            if len(text) <= last:
+                break
+            cut = last
+        pieces.append(text[start:cut])
+        start = cut
     pieces.append(text[start:])
     return pieces
 
@@ -443,9 +462,15 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype=np.uint32) ->
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(tokenizer: Tokenizer) -> None:
+def _start_worker(tokenizer: Tokenizer, parent: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` would start a thread per core in every process
     _worker["tokenizer"] = tokenizer
+    if sys.platform.startswith("linux"):  # end with the parent however it ends (kill -9 included)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that
+        os._exit(1)
 
 
 def _encode_in_worker(texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -481,7 +506,7 @@ def _encoded(tokenizer: Tokenizer, batches: Iterator[list], num_proc: int, dtype
         return
     # spawn, not fork: the progress bar's thread and the tokenizers' thread pools do not survive a fork
     pool = ProcessPoolExecutor(num_proc, multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(tokenizer,))
+                               initargs=(tokenizer, os.getpid()))
     with pool:
         pending: deque = deque()
         try:
@@ -515,6 +540,23 @@ class _ShardWriter:
         self.docs: deque = deque()  # (index, start position, state) of the documents not yet written whole
         self.begin = begin  # makes the directory, saves the tokenizer and a first manifest (fresh runs)
         self.last_document = resume["next_document"] - 1
+        stats = manifest.get("stats") or {}
+        # characters and documents replaced (see `encodable`), counted once their documents are written
+        self.replaced = [stats.get("replaced_characters", 0), stats.get("replaced_documents", 0)]
+        self.replacing: dict[int, int] = {}  # document index -> characters replaced, not yet written
+
+    def encodable(self, index: int, text: str) -> str:
+        """`text` with each lone surrogate (a JSON "\\ud800" escape: no UTF-8 for it, so no tokenizer takes
+        it) replaced by U+FFFD, counted for the manifest's stats."""
+        if text.isascii() or not (found := _SURROGATES.findall(text)):
+            return text
+        self.replacing[index] = len(found)
+        return _SURROGATES.sub("\ufffd", text)
+
+    def _count_replaced(self, before: int) -> None:
+        for index in [i for i in self.replacing if i < before]:
+            self.replaced[0] += self.replacing.pop(index)
+            self.replaced[1] += 1
 
     def full(self) -> bool:
         return self.max_tokens is not None and self.pos >= self.max_tokens
@@ -560,20 +602,23 @@ class _ShardWriter:
         entries = self.manifest["splits"][self.split]
         name = shard_name(self.split, len(entries))
         write_shard(self.out / name, tokens, self.vocab_size)
-        entries.append({"file": name, "tokens": int(tokens.size), "sha256": sha256_file(self.out / name)})
+        entries.append({"file": name, "tokens": int(tokens.size), "sha256": sha256_file(self.out / name),
+                        "max_id": int(tokens.max())})
         self.written = self.pos
         while len(self.docs) > 1 and self.docs[1][1] <= self.written:
             self.docs.popleft()
         index, start, state = self.docs[0]
         self.manifest["resume"] = {"position": self.written, "val_end": self.val_end, "next_document": index,
                                    "skip_tokens": self.written - start, "state": state}
+        self._count_replaced(index)
         self.manifest["stats"] = self._stats()
         save_manifest(self.out, self.manifest)
 
     def _stats(self) -> dict:
         return {"documents": self.last_document + 1,
                 "tokens": {split: sum(e["tokens"] for e in entries)
-                           for split, entries in self.manifest["splits"].items()}}
+                           for split, entries in self.manifest["splits"].items()},
+                "replaced_characters": self.replaced[0], "replaced_documents": self.replaced[1]}
 
     def finish(self, corpus: str) -> None:
         self._flush()
@@ -583,6 +628,7 @@ class _ShardWriter:
             raise CorpusError(f"{corpus}: ran out after {self.pos:,} tokens, all of them in the validation split "
                               f"(--val-tokens {self.val_end}); use a smaller --val-tokens")
         self.manifest["complete"] = True
+        self._count_replaced(self.last_document + 1)
         self.manifest["stats"] = self._stats()
         save_manifest(self.out, self.manifest)
 
@@ -638,7 +684,7 @@ def _existing_manifest(out: Path, overwrite: bool) -> dict | None:
         return None
     if (out / MANIFEST).is_file():
         return load_manifest(out, check_shards=False)
-    if any(out.iterdir()):
+    if any(p.name != LOCK_FILE for p in out.iterdir()):
         raise CorpusError(f"{out}: not empty and holds no {MANIFEST}; choose an empty --out or pass --overwrite")
     return None
 
@@ -693,6 +739,15 @@ def prepare(source: Source, out: str | Path, *, tokenizer: str = "gpt2", train_t
         "source": {"kind": source.kind, "args": source.args}, "tokenizer": token_setting,
         "shard_tokens": shard_tokens, "val": val, "max_tokens": max_tokens}))
 
+    with DirectoryLock(out, "dataset directory"):  # one writer per dataset
+        return _prepare_locked(source, out, settings, val, tok, train_tokenizer=train_tokenizer, num_proc=num_proc,
+                               vocab_limit=vocab_limit, overwrite=overwrite, command=command, progress=progress)
+
+
+def _prepare_locked(source: Source, out: Path, settings: dict, val: dict, tok: Tokenizer | None, *,
+                    train_tokenizer: int | None, num_proc: int, vocab_limit: int | None, overwrite: bool,
+                    command: list[str] | None, progress: bool) -> PrepareResult:
+    """`prepare` once it holds the directory's lock."""
     existing = _existing_manifest(out, overwrite)
     if existing is not None:
         if existing.get("settings") != settings:
@@ -700,6 +755,11 @@ def prepare(source: Source, out: str | Path, *, tokenizer: str = "gpt2", train_t
             raise CorpusError(f"{out}: holds a dataset made by another command ({made_by}); choose another --out, "
                               f"or pass --overwrite to replace it")
         manifest = verify_dataset(out)
+        missing = [e for entries in manifest["splits"].values() for e in entries if "max_id" not in e]
+        for entry in missing:  # a dataset made before manifests recorded them: training reads them at each open
+            entry["max_id"] = shard_max_id(out / entry["file"])
+        if missing:
+            save_manifest(out, manifest)
         if vocab_limit is not None:
             check_vocab_fits(manifest, vocab_limit)
         if manifest.get("complete"):
@@ -738,7 +798,8 @@ def _tokenize(source: Source, tok: Tokenizer, writer: _ShardWriter, num_proc: in
     """The loop: documents from the resume point on, tokenized in batches, placed into shards."""
     resume = writer.manifest["resume"]
     first, skip = resume["next_document"], resume["skip_tokens"]
-    docs = ((index, text, state) for index, (text, state) in enumerate(source.read(first, resume["state"]), first))
+    docs = ((index, writer.encodable(index, text), state)
+            for index, (text, state) in enumerate(source.read(first, resume["state"]), first))
     docs = _started(docs)  # opening the source (the Hub, say) fails here, before the progress bar shows
     dtype = np.dtype(DTYPES[version_for_vocab(tok.vocab_size)])
     by_chars = source.doc_chars is not None  # a local corpus: progress in characters, else in tokens
@@ -831,7 +892,11 @@ def summary(result: PrepareResult) -> Table:
     table.add_column("value")
     tok = manifest["tokenizer"]
     table.add_row("tokenizer", f"{tok['name']} ({tok['vocab_size']:,} ids, EOT {tok['eot_id']})")
-    table.add_row("documents", f"{manifest.get('stats', {}).get('documents', 0):,}")
+    stats = manifest.get("stats", {})
+    table.add_row("documents", f"{stats.get('documents', 0):,}")
+    if stats.get("replaced_characters"):
+        table.add_row("replaced", f"{stats['replaced_characters']:,} unencodable characters (lone surrogates) in "
+                                  f"{stats['replaced_documents']:,} documents, by U+FFFD")
     for split in ("train", "val"):
         entries = manifest["splits"][split]
         table.add_row(split, f"{sum(e['tokens'] for e in entries):,} tokens in {len(entries)} shard(s)")

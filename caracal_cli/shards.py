@@ -88,7 +88,8 @@ def load_manifest(directory: str | Path, check_shards: bool = True) -> dict[str,
     """Read ``manifest.json`` of a prepared dataset and check it against the shards it lists.
 
     The manifest holds: ``format``, ``tokenizer`` ({name, file, vocab_size, eot_id}), ``splits``
-    ({split: [{file, tokens, sha256}]}), ``source``, ``command``, ``complete``. With `check_shards`, every
+    ({split: [{file, tokens, sha256, max_id}]}; max_id, the largest id, is absent in older manifests), ``source``,
+    ``command``, ``complete``. With `check_shards`, every
     listed shard must exist, have a valid header and hold the listed number of tokens (checksums are not
     recomputed here: that is `verify_checksums`).
     """
@@ -129,9 +130,11 @@ def verify_checksums(directory: str | Path, manifest: dict[str, Any]) -> None:
 
 
 def verify_dataset(directory: str | Path) -> dict[str, Any]:
-    """`load_manifest` plus `verify_checksums`: the manifest, once every shard is known to be what it lists."""
+    """`load_manifest`, `verify_checksums` and every shard's largest id read again (`check_max_ids`): the
+    manifest, once every shard is known to be what it lists."""
     manifest = load_manifest(directory)
     verify_checksums(directory, manifest)
+    check_max_ids(directory, manifest, recompute=True)
     return manifest
 
 
@@ -143,6 +146,29 @@ def check_vocab_fits(manifest: dict[str, Any], model_vocab_size: int) -> None:
                          f"more than the model's vocab_size {model_vocab_size} (use a preset whose "
                          f"model.vocab_size >= {tokenizer['vocab_size']}, or --set "
                          f"model.vocab_size={tokenizer['vocab_size']})")
+
+
+def shard_max_id(path: str | Path) -> int:
+    """The largest token id in a shard (-1 when it is empty): one pass over its memory map."""
+    tokens = read_shard(path)
+    return int(tokens.max()) if tokens.size else -1
+
+
+def check_max_ids(directory: str | Path, manifest: dict[str, Any], recompute: bool = False) -> None:
+    """Refuse a shard holding an id outside the tokenizer's vocabulary, by the largest id the manifest records
+    for it (`max_id`), or read from the shard when the manifest has none (older datasets) or `recompute`."""
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    for shards in manifest["splits"].values():
+        for entry in shards:
+            path = Path(directory) / entry["file"]
+            recorded = entry.get("max_id")
+            top = shard_max_id(path) if recorded is None or recompute else int(recorded)
+            if recorded is not None and top != int(recorded):
+                raise ShardError(f"{path}: its largest token id is {top}, the manifest says {recorded} (the shard "
+                                 f"was changed or damaged)")
+            if top >= vocab:
+                raise ShardError(f"{path}: holds token id {top}, outside the tokenizer's vocabulary of {vocab} ids "
+                                 f"(the shard is damaged or was made with another tokenizer)")
 
 
 def split_tokens(directory: str | Path, manifest: dict[str, Any], split: str) -> list[np.ndarray]:

@@ -38,17 +38,17 @@ import torch.distributed as dist
 from caracal_cli import autobatch
 from caracal_cli.autobatch import AutoBatch
 from caracal_cli.checkpoint import (
-    config_yaml, latest_checkpoint, load_run_config, load_trainer_state, load_weights, model_state, read_meta,
-    save_checkpoint, save_run_config,
+    config_yaml, intact_checkpoint, latest_checkpoint, load_run_config, load_trainer_state, load_weights,
+    model_state, read_meta, remove_orphans, save_checkpoint, save_run_config,
 )
-from caracal_cli.config import CaracalError, Config, load_preset
+from caracal_cli.config import CaracalError, Config, load_preset, warn
 from caracal_cli.device import resolve_device, to_device
-from caracal_cli.fileio import write_json
+from caracal_cli.fileio import DirectoryLock, write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
 from caracal_cli.model import (
     build_model, count_parameters, flops_per_token, kernel_paths, set_activation_checkpointing,
 )
-from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, require_tensorboard
+from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, read_metrics, require_tensorboard
 from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches
 from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
 
@@ -366,10 +366,13 @@ def _grad_sync(model: torch.nn.Module, sync: bool, sharded: bool):
 
 def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Path, *, max_steps: int | None = None,
           resume: bool = False, device: str = "auto", tensorboard: bool = False, peak_flops: float | None = None,
-          compile: bool | None = None, progress: bool | None = None, quiet: bool = False) -> dict[str, Any]:
+          compile: bool | None = None, progress: bool | None = None, quiet: bool = False,
+          allow_incomplete: bool = False) -> dict[str, Any]:
     """Train `config` on the dataset in `data_dir`, writing `run_dir`; with `resume`, continue `run_dir` from
-    its newest checkpoint with its saved config (`config` and `data_dir` may then be None). `max_steps` stops
-    after that optimizer step (counted from the run's start). Under torchrun, every process calls this.
+    its newest intact checkpoint with its saved config (`config` and `data_dir` may then be None; other data
+    than the run's is refused). `max_steps` stops after that optimizer step (counted from the run's start).
+    Under torchrun, every process calls this; rank 0 holds the run directory's lock while it runs. An
+    incomplete dataset is refused unless `allow_incomplete`.
 
     Returns {run_dir, step, tokens, loss, val_loss, val_ppl, checkpoint, stopped_by, steps_run, elapsed,
     tokens_per_s, mfu}; tokens_per_s and mfu average this session's steps after the first (compilation)."""
@@ -384,35 +387,42 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
             raise TrainError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}")
         setup = RunSetup(config, _data_dir(config, data_dir), run_dir, False)
     config, data_dir = setup.config, setup.data_dir
-    manifest = open_dataset(data_dir, config.model.vocab_size)
+    manifest = open_dataset(data_dir, config.model.vocab_size, allow_incomplete)
+    if setup.resume:
+        check_same_data(run_dir, data_dir, manifest, update=False)
     dev = resolve_device(device, ranks.local_rank)
     compile = config.train.compile if compile is None else compile
     if tensorboard:
         require_tensorboard()  # on every rank, before any of them waits for the others
-    board = TensorBoard(run_dir) if tensorboard and ranks.main else None
-    created_group = _init_process_group(ranks, dev)
+    lock = DirectoryLock(run_dir, "run directory").acquire() if ranks.main else None  # one writer per run
     try:
-        console = Console(ranks.main and not quiet, config.train.log_every, 0, progress)
-        config, choice = choose_micro_batch(config, dev, ranks.world_size, console)
-        tc = config.train
-        plan = plan_batches(tc, config.model.context, ranks.world_size)
-        job = Job(config=config, data_dir=data_dir, manifest=manifest, run_dir=run_dir, resume=setup.resume,
-                  plan=plan, ranks=ranks, device=dev,
-                  batches=TrainBatches(data_dir, manifest, config.model.context, plan.micro_batch, plan.grad_accum,
-                                       ranks.world_size, ranks.rank, tc.seed),
-                  val_windows=ValidationWindows(data_dir, manifest, config.model.context, tc.eval_tokens),
-                  tokenizer_files=_tokenizer_files(data_dir),
-                  end_step=plan.total_steps if max_steps is None else min(plan.total_steps, max_steps),
-                  compile=compile, peak_flops=peak_flops, micro_batch_choice=choice)
-        return _run(job, board, Console(ranks.main and not quiet, tc.log_every, job.end_step, progress))
+        board = TensorBoard(run_dir) if tensorboard and ranks.main else None
+        created_group = _init_process_group(ranks, dev)
+        try:
+            console = Console(ranks.main and not quiet, config.train.log_every, 0, progress)
+            config, choice = choose_micro_batch(config, dev, ranks.world_size, console)
+            tc = config.train
+            plan = plan_batches(tc, config.model.context, ranks.world_size)
+            job = Job(config=config, data_dir=data_dir, manifest=manifest, run_dir=run_dir, resume=setup.resume,
+                      plan=plan, ranks=ranks, device=dev,
+                      batches=TrainBatches(data_dir, manifest, config.model.context, plan.micro_batch,
+                                           plan.grad_accum, ranks.world_size, ranks.rank, tc.seed),
+                      val_windows=ValidationWindows(data_dir, manifest, config.model.context, tc.eval_tokens),
+                      tokenizer_files=_tokenizer_files(data_dir),
+                      end_step=plan.total_steps if max_steps is None else min(plan.total_steps, max_steps),
+                      compile=compile, peak_flops=peak_flops, micro_batch_choice=choice)
+            return _run(job, board, Console(ranks.main and not quiet, tc.log_every, job.end_step, progress))
+        finally:
+            if board is not None:
+                board.close()
+            if created_group:
+                # FSDP2's hooks keep the model, its DTensors and the device mesh in reference cycles: collect
+                # them while the group still exists, so that none of its work is freed during shutdown.
+                gc.collect()
+                dist.destroy_process_group()
     finally:
-        if board is not None:
-            board.close()
-        if created_group:
-            # FSDP2's hooks keep the model, its DTensors and the device mesh in reference cycles: collect them
-            # while the group still exists, so that none of its work is freed during interpreter shutdown.
-            gc.collect()
-            dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 def choose_micro_batch(config: Config, device: torch.device, world_size: int,
@@ -459,7 +469,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     tc = config.train
     state = TrainState()
     metrics = MetricsLog(run_dir)
-    checkpoint = latest_checkpoint(run_dir) if job.resume else None
+    checkpoint, validated = _resume_point(run_dir, ranks) if job.resume else (None, False)
 
     torch.manual_seed(tc.seed)
     model = build_model(config.model)
@@ -504,17 +514,23 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
         state = TrainState(step=saved["step"], tokens=saved["tokens"], elapsed=saved["elapsed"],
                            loss=saved.get("loss"), val_loss=read_meta(checkpoint).get("val_loss"),
                            checkpoint=checkpoint)
+        if ranks.main:
+            _warn_inexact_resume(read_meta(checkpoint), ranks.world_size, dev, tc)
 
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphans(run_dir)  # a killed writer's temporary files and checkpoint directories
         if job.resume:
+            check_same_data(run_dir, data_dir, manifest)  # refused before; here data.json follows a move
             metrics.truncate_after(state.step)
         else:
+            metrics.path.unlink(missing_ok=True)  # the rows of an earlier attempt, killed before a checkpoint
             save_run_config(run_dir, config)
             for file in job.tokenizer_files:  # copied, not loaded: training needs no tokenizer library
                 shutil.copyfile(file, run_dir / file.name)
             write_json(run_dir / DATA_FILE, {"path": str(data_dir.resolve()), "tokenizer": manifest["tokenizer"],
-                                             "splits": split_summary(manifest), "source": manifest.get("source")})
+                                             "splits": split_summary(manifest), "source": manifest.get("source"),
+                                             "fingerprint": data_fingerprint(manifest)})
             if job.micro_batch_choice is not None and job.micro_batch_choice.method != "explicit":
                 write_json(run_dir / AUTOBATCH_FILE, job.micro_batch_choice.to_dict())
     peak = peak_flops_for(dev, job.peak_flops)
@@ -544,7 +560,8 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
         if ranks.main:
             path = save_checkpoint(run_dir, state.step, weights, trainer,
                                    {"tokens": state.tokens, "loss": meta_loss, "val_loss": state.val_loss,
-                                    "config": config.name, "world_size": ranks.world_size}, keep=tc.keep_checkpoints)
+                                    "config": config.name, "world_size": ranks.world_size,
+                                    "device": dev.type, "threads": _threads(tc)}, keep=tc.keep_checkpoints)
         if ranks.world_size > 1:
             dist.barrier()
         state.checkpoint = path
@@ -568,7 +585,9 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
 
     start_step, session_start = state.step, time.perf_counter()
     timed_tokens, timed_seconds, step_time = 0, 0.0, None
-    last_eval = last_save = -1
+    # A resumed run has its checkpoint; its validation is done unless it was killed before writing it.
+    last_save = state.step if checkpoint is not None else -1
+    last_eval = state.step if validated else -1
 
     def fetch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batches.batch(step, micro)
@@ -662,7 +681,8 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     console.print(f"{state.stopped_by}: stopped after step {state.step}, "
                                   f"checkpoint {state.checkpoint}")
                     break
-            if state.step > start_step and state.stopped_by is None:
+            # the end (reached now, or earlier by a run killed before its final validation): validate and save
+            if state.stopped_by is None and (state.step > start_step or state.step == end_step):
                 if last_eval != state.step:
                     began = time.perf_counter()
                     if evaluate():
@@ -691,6 +711,78 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
             "mfu": flops * tokens_per_s / (peak * ranks.world_size) if peak and tokens_per_s else None,
             "world_size": ranks.world_size, "params": params,
             "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+
+
+def _resume_point(run_dir: Path, ranks: Ranks) -> tuple[Path, bool]:
+    """Rank 0's choice, shared with every rank: the newest intact checkpoint (a damaged newer one is skipped
+    with a warning), and whether metrics.jsonl holds a validation at its step (a run killed between its last
+    checkpoint and its final validation has none, and a resume writes it)."""
+    choice: list[Any] = [None, False]
+    if ranks.main:
+        checkpoint = intact_checkpoint(run_dir)
+        if checkpoint is None:
+            raise TrainError(f"{run_dir}: no checkpoints to resume from")
+        step = read_meta(checkpoint)["step"]
+        choice = [checkpoint, any(r.get("step") == step and "val_loss" in r for r in read_metrics(run_dir))]
+    if ranks.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0], choice[1]
+
+
+def data_fingerprint(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's shard list (names, token counts, checksums): the same data, wherever it lies."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()
+
+
+def check_same_data(run_dir: Path, data_dir: Path, manifest: dict[str, Any], update: bool = True) -> None:
+    """Refuse to resume `run_dir` on data other than it trained on (another tokenizer, other shards): the
+    batches would differ from the run's. The same data at a new path is accepted, and (with `update`) the run's
+    data.json is pointed at it."""
+    if not (run_dir / DATA_FILE).is_file():
+        return
+    recorded = json.loads((run_dir / DATA_FILE).read_text())
+    ours, theirs = recorded.get("tokenizer") or {}, manifest["tokenizer"]
+    keys = ("name", "vocab_size", "eot_id")
+    different = [f"{k} {ours.get(k)!r} vs {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+    different += [f"{path.name} differs" for path in _tokenizer_files(data_dir)
+                  if (run_dir / path.name).is_file() and (run_dir / path.name).read_bytes() != path.read_bytes()]
+    if different:
+        raise TrainError(f"{data_dir}: its tokenizer is not the run's ({', '.join(different)}); resume on the "
+                         f"run's data, or start a new run")
+    same = (recorded["fingerprint"] == data_fingerprint(manifest) if "fingerprint" in recorded
+            else recorded.get("splits") == split_summary(manifest))
+    if not same:
+        now = split_summary(manifest)
+        was = recorded.get("splits") or {}
+        diff = ", ".join(f"{split}: {was.get(split, {}).get('tokens')} tokens in {was.get(split, {}).get('shards')} "
+                         f"shards then, {now.get(split, {}).get('tokens')} in {now.get(split, {}).get('shards')} now"
+                         for split in sorted(set(was) | set(now)))
+        raise TrainError(f"{data_dir}: not the data the run trained on ({recorded.get('path')}; "
+                         f"{diff or 'other shards'}); resume on the run's data, or start a new run")
+    path = str(data_dir.resolve())
+    if update and recorded.get("path") != path:
+        warn(f"the run's data moved: {recorded.get('path')} → {path} (the same shards); data.json now says so")
+        write_json(run_dir / DATA_FILE, {**recorded, "path": path})
+
+
+def _threads(tc) -> int:
+    """The CPU threads this run computes with: the config's `threads` where it has one, else torch's."""
+    return getattr(tc, "threads", None) or torch.get_num_threads()
+
+
+def _warn_inexact_resume(meta: dict[str, Any], world_size: int, device: torch.device, tc) -> None:
+    """A resume at another world size, or on CPU with another thread count, trains correctly (the batches are
+    the same) but sums in another order: say that it will not match an uninterrupted run bit for bit."""
+    changes = []
+    if meta.get("world_size", world_size) != world_size:
+        changes.append(f"world size {meta['world_size']} → {world_size}")
+    if device.type == "cpu" and meta.get("device") == "cpu" and meta.get("threads", _threads(tc)) != _threads(tc):
+        changes.append(f"CPU threads {meta['threads']} → {_threads(tc)}")
+    if changes:
+        warn(f"resuming with {', '.join(changes)}: the same batches, summed in another order, so the result "
+             f"will not be bit-identical to an uninterrupted run")
 
 
 def _gather(obj: Any, ranks: Ranks) -> list[Any]:
