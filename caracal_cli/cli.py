@@ -572,4 +572,59 @@ def demo(
         print(json.dumps(summary, indent=2, default=str))
 
 
+# --- Hugging Face export / import -------------------------------------------------------------------------
+@app.command("export")
+@user_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="Run or checkpoint directory."),
+    fmt: str = typer.Option("hf", "--format", help="hf: a transformers folder (the only format)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Write a checkpoint as a transformers folder that AutoModelForCausalLM.from_pretrained loads: Llama, Mamba
+    and Mamba-2 as transformers' own classes (no caracal needed), other models as CaracalForCausalLM (after
+    `import caracal_cli`). Needs transformers (pip install 'caracal[hf]').
+
+    Example: caracal export runs/llama-tiny --format hf --out hf/llama-tiny
+    """
+    from caracal_cli.hf import export_hf
+
+    if fmt != "hf":
+        raise UserError(f"--format must be hf, not {fmt!r}")
+    summary = export_hf(checkpoint, out, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"wrote {summary['out']}: {summary['hf_class']}, {summary['params']:,} parameters, from "
+                  f"{summary['checkpoint']}", highlight=False, soft_wrap=True)
+
+
+@app.command("import")
+@user_errors
+def import_command(
+    source: str = typer.Argument(..., help="A transformers folder (config.json, safetensors, tokenizer.json), or a "
+                                 "Hub id on a connected machine."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+    overrides: list[str] = typer.Option([], "--set", help="Change the run's config: section.key=value (e.g. "
+                                        "train.tokens=1e8 train.lr=1e-4 for fine-tuning)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Turn a LlamaForCausalLM, MambaForCausalLM or Mamba2ForCausalLM checkpoint (or an exported caracal one) into a
+    run directory that eval, generate and `train --resume` (fine-tuning) take: preset inferred, every tensor and
+    the parameter count checked.
+
+    Example: caracal import state-spaces/mamba-130m-hf --out runs/mamba-130m --set train.tokens=1e8
+    """
+    from caracal_cli.hf import import_hf
+
+    summary = import_hf(source, out, overrides, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"wrote {summary['out']}: {summary['family']} ({summary['preset']}), {summary['params']:,} "
+                  f"parameters, as many as the checkpoint's", highlight=False, soft_wrap=True)
+
+
 __all__ = ["app", "list_presets"]

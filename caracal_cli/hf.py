@@ -37,7 +37,7 @@ from caracal_cli.tokenizer import EOT, TOKENIZER_FILE, HFTokenizer, Tokenizer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-METADATA_KEY = "caracal"  # in config.json: {"config": the run's resolved config, "tokenizer": its name}
+METADATA_KEY = "caracal"  # in config.json: {"config": the run's config.yaml, "tokenizer": its name, "checkpoint"}
 MAX_IMPORT_CONTEXT = 8192  # a Hub Llama's max_position_embeddings can be 128K: RoPE tables are built per layer
 
 
@@ -281,7 +281,8 @@ def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dic
     model, config, tok, ckpt = load_model(path, "cpu")
     cfg = config.model
     native = native_class(cfg)
-    metadata = {"config": yaml.safe_load(config_yaml(config)), "tokenizer": tok.name,
+    # the config as YAML text: config.json is written with sorted keys, and the mixers' order is the config's
+    metadata = {"config": config_yaml(config), "tokenizer": tok.name,
                 "checkpoint": ckpt.name}
     if native is not None:
         config_cls = getattr(transformers, native.hf_class.replace("ForCausalLM", "Config"))
@@ -290,7 +291,7 @@ def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dic
     else:
         from caracal_cli.hf_model import CaracalConfig
 
-        model_section = metadata["config"]["model"]
+        model_section = yaml.safe_load(metadata["config"])["model"]
         hf_config = CaracalConfig(caracal_model=model_section, architectures=["CaracalForCausalLM"],
                                   **{k: v for k, v in _common_hf(cfg, tok.eot_id).items()
                                      if k not in ("initializer_range",)}, num_attention_heads=cfg.n_head)
@@ -393,7 +394,7 @@ def _infer_config(hf: dict[str, Any], section: dict[str, Any], name: str) -> Con
     """The run's config: the one exported with it (caracal's metadata); else a shipped preset whose model section
     is exactly this one; else the family's tiny preset's recipe with this model."""
     if METADATA_KEY in hf:
-        raw = hf[METADATA_KEY]["config"]
+        raw = yaml.safe_load(hf[METADATA_KEY]["config"])
         return config_from_dict(raw, raw.get("name", name))
     from caracal_cli.config import list_presets
 
