@@ -235,7 +235,8 @@ def prepare_verify(
 @user_errors
 def train(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML path."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset directory from `caracal prepare` "
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset directory from `caracal prepare`, or a "
+                                       "folder of llm.c / modded-nanogpt shards (*_train_*.bin, *_val_*.bin) "
                                        "(default: the preset's data.path)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default: runs/<preset>-<time>)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a preset key: section.key=value."),
