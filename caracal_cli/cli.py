@@ -153,6 +153,37 @@ def prepare_fineweb(
     console.print(prepare.summary(result))
 
 
+@prepare_app.command("hf")
+@user_errors
+def prepare_hf(
+    name: str = typer.Argument(..., help="A Hub dataset id (e.g. HuggingFaceFW/fineweb-edu, roneneldan/TinyStories), "
+                               "a local folder of data files, or a dataset saved with save_to_disk."),
+    config: Optional[str] = typer.Option(None, "--config", help="The dataset's configuration (subset)."),
+    split: str = typer.Option("train", "--split", help="The dataset split to read."),
+    text_field: str = typer.Option("text", "--text-field", help="The column holding the text."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset directory.",
+                                       show_default="data/NAME[-CONFIG]"),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many tokens, validation included."),
+    val_tokens: Optional[int] = typer.Option(None, help="Validation tokens, taken from the start of the stream.",
+                                             show_default="10485760, or a tenth of --max-tokens if smaller"),
+    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
+    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
+    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
+    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+):
+    """Stream any text dataset through HF datasets into shards, resumably (re-run the command to resume).
+
+    Example: caracal prepare hf HuggingFaceFW/fineweb-edu --config sample-10BT --max-tokens 1000000000
+    """
+    from caracal_cli import prepare
+
+    result = prepare.prepare_hf(name, out, config=config, split=split, text_field=text_field, max_tokens=max_tokens,
+                                val_tokens=val_tokens, shard_tokens=shard_tokens, tokenizer=tokenizer,
+                                num_proc=num_proc, vocab_limit=vocab_limit, overwrite=overwrite, progress=True)
+    console.print(prepare.summary(result))
+
+
 @prepare_app.command("files")
 @user_errors
 def prepare_files(
