@@ -12,7 +12,7 @@ so the CLI itself never pays for importing transformers. The weights are the car
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from caracal_cli.config import ModelConfig, from_dict
@@ -22,7 +22,7 @@ from caracal_cli.model import LanguageModel
 MODEL_TYPE = "caracal"
 
 
-class CaracalConfig(PreTrainedConfig):
+class CaracalConfig(PretrainedConfig):
     """`caracal_model`: the `model` section of a caracal run's config.yaml (every mixer key resolved)."""
 
     model_type = MODEL_TYPE

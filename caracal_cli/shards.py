@@ -203,7 +203,8 @@ def keep_folder_manifest(run_dir: str | Path, manifest: dict[str, Any], resume: 
     """For a run on a plain llm.c folder: keep its manifest in the run directory (data_manifest.json) and GPT-2's
     tokenizer reference when that is its tokenizer; on resume, refuse a folder whose shards have changed since.
     Other datasets: nothing to do (their manifest is beside the shards)."""
-    if (manifest.get("source") or {}).get("kind") != LLMC_SOURCE:
+    source = manifest.get("source")
+    if not isinstance(source, dict) or source.get("kind") != LLMC_SOURCE:
         return
     kept = Path(run_dir) / "data_manifest.json"
     if resume and kept.is_file():

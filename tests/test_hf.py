@@ -147,9 +147,11 @@ def test_a_foreign_checkpoint_is_translated_and_gives_the_same_logits(runs, fami
 
 
 def test_exported_caracal_loads_after_import_caracal_cli_alone(runs):
-    """`import caracal_cli` does not import transformers, yet registers CaracalForCausalLM when it is imported."""
-    code = ("import sys, caracal_cli\n"
-            "assert 'transformers' not in sys.modules\n"
+    """`import caracal_cli` (and the CLI) does not import transformers, yet registers CaracalForCausalLM when
+    transformers is imported."""
+    code = ("import importlib.util, sys, caracal_cli, caracal_cli.cli\n"
+            "assert 'transformers' not in sys.modules, 'imported at startup'\n"
+            "assert importlib.util.find_spec('transformers') and 'transformers' not in sys.modules  # a probe\n"
             "from transformers import AutoModelForCausalLM\n"
             f"model = AutoModelForCausalLM.from_pretrained({str(exported(runs, 'swh'))!r})\n"
             "print(type(model).__name__, model.num_parameters())\n")
