@@ -146,6 +146,31 @@ def test_a_foreign_checkpoint_is_translated_and_gives_the_same_logits(runs, fami
     assert load_tokenizer(tmp_path / "run").eot_id == _tokenizer().eot_id
 
 
+def test_generate_of_an_exported_caracal_is_caracals_greedy_decoding(runs):
+    from transformers import AutoModelForCausalLM
+
+    from caracal_cli.generate import generate_ids
+
+    model = AutoModelForCausalLM.from_pretrained(exported(runs, "caracal"))
+    ours, *_ = load_model(runs["caracal"])
+    prompt = torch.randint(0, 300, (1, 7))
+    produced = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, 7:].tolist()
+    assert produced == list(generate_ids(ours, prompt[0].tolist(), 6, 0.0, None, None, 0))
+
+
+def test_the_exported_gpt2_tokenizer_is_caracals():
+    import random
+
+    from caracal_cli.tokenizer import gpt2
+
+    theirs, ours, rng = hf.hf_tokenizer(gpt2()), gpt2(), random.Random(0)
+    pieces = ["the", " ", "\n", "é", "東京", "  x", "'s", "123", "!", "\t", "ab", "\U0001f600", " don't"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(20))
+        assert theirs.encode(text, add_special_tokens=False).ids == ours.encode(text)
+    assert theirs.token_to_id("<|endoftext|>") == ours.eot_id
+
+
 def test_exported_caracal_loads_after_import_caracal_cli_alone(runs):
     """`import caracal_cli` (and the CLI) does not import transformers, yet registers CaracalForCausalLM when
     transformers is imported."""
