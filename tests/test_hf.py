@@ -171,6 +171,27 @@ def test_the_exported_gpt2_tokenizer_is_caracals():
     assert theirs.token_to_id("<|endoftext|>") == ours.eot_id
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "mamba-small", "mamba2-medium"])
+def test_a_foreign_config_of_a_shipped_shape_infers_that_preset(preset):
+    model = load_preset(preset).model
+    native = hf.native_class(model)
+    config = native.to_hf(model, hf._mixer(model), 50256) | {"model_type": native.model_type}
+    section, names = hf._model_section(json.loads(json.dumps(config)))
+    assert names is native.names and hf._infer_config(config, section, "hf-x").name == preset
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Connection refused\nmore lines")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    result = runner.invoke(app, ["import", "state-spaces/mamba-130m-hf", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "state-spaces/mamba-130m-hf: not a local folder, and the Hub could not provide it" in result.output
+
+
 def test_exported_caracal_loads_after_import_caracal_cli_alone(runs):
     """`import caracal_cli` (and the CLI) does not import transformers, yet registers CaracalForCausalLM when
     transformers is imported."""
