@@ -30,7 +30,8 @@ import yaml
 
 from caracal_cli.checkpoint import (CONFIG_FILE, config_yaml, load_model, model_state, save_checkpoint,
                                     save_run_config)
-from caracal_cli.config import CaracalError, Config, ModelConfig, apply_overrides, config_from_dict, load_preset
+from caracal_cli.config import (CaracalError, Config, ModelConfig, apply_overrides, config_from_dict, from_dict,
+                                list_presets, load_preset)
 from caracal_cli.mixers import mixer_config
 from caracal_cli.model import build_model, count_parameters, mlp_hidden
 from caracal_cli.tokenizer import EOT, TOKENIZER_FILE, HFTokenizer, Tokenizer
@@ -282,8 +283,7 @@ def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dic
     cfg = config.model
     native = native_class(cfg)
     # the config as YAML text: config.json is written with sorted keys, and the mixers' order is the config's
-    metadata = {"config": config_yaml(config), "tokenizer": tok.name,
-                "checkpoint": ckpt.name}
+    metadata = {"config": config_yaml(config), "tokenizer": tok.name, "checkpoint": ckpt.name}
     if native is not None:
         config_cls = getattr(transformers, native.hf_class.replace("ForCausalLM", "Config"))
         hf_config = config_cls(**native.to_hf(cfg, _mixer(cfg), tok.eot_id), architectures=[native.hf_class])
@@ -293,8 +293,7 @@ def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dic
 
         model_section = yaml.safe_load(metadata["config"])["model"]
         hf_config = CaracalConfig(caracal_model=model_section, architectures=["CaracalForCausalLM"],
-                                  **{k: v for k, v in _common_hf(cfg, tok.eot_id).items()
-                                     if k not in ("initializer_range",)}, num_attention_heads=cfg.n_head)
+                                  num_attention_heads=cfg.n_head, **_common_hf(cfg, tok.eot_id))
         names, hf_class = CARACAL_NAMES, "CaracalForCausalLM"
     setattr(hf_config, METADATA_KEY, metadata)
     tensors = {}
@@ -396,8 +395,6 @@ def _infer_config(hf: dict[str, Any], section: dict[str, Any], name: str) -> Con
     if METADATA_KEY in hf:
         raw = yaml.safe_load(hf[METADATA_KEY]["config"])
         return config_from_dict(raw, raw.get("name", name))
-    from caracal_cli.config import list_presets
-
     family = section["family"]
     wanted = _resolved_model(section)
     candidates = [p for p in list_presets() if p == family or p.startswith(f"{family}-")]
@@ -407,14 +404,14 @@ def _infer_config(hf: dict[str, Any], section: dict[str, Any], name: str) -> Con
             return config
     base = load_preset(f"{family}-tiny").to_dict()
     context = section.pop("context", None) or base["model"]["context"]
-    base["model"] = {**{k: v for k, v in base["model"].items() if k in ("init_std",)}, **section, "context": context}
+    base["model"] = {"init_std": base["model"]["init_std"], **section, "context": context}
     base.update(name=name, description=f"imported from a transformers {family} checkpoint")
     return config_from_dict(base, name)
 
 
 def _resolved_model(section: dict[str, Any]) -> dict[str, Any]:
-    from caracal_cli.config import from_dict
-
+    """A model section with every default and mixer key resolved, less what an import may not know (the family
+    label, the context), to compare with the shipped presets'."""
     cfg = from_dict(ModelConfig, {k: v for k, v in section.items() if k != "context"}, "model")
     data = cfg.__dict__ | {"mlp_hidden": mlp_hidden(cfg), "family": None}
     data["mixers"] = {letter: mixer_config(raw, cfg, letter) for letter, raw in cfg.mixers.items()}

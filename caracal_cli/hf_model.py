@@ -45,7 +45,6 @@ class CaracalForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = CaracalConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _supports_cache_class = False
 
     def __init__(self, config: CaracalConfig):
         super().__init__(config)

@@ -363,6 +363,8 @@ def hf_source(name: str, config: str | None = None, split: str = "train", text_f
     local = Path(name)
     if local.exists() and not local.is_dir():
         raise CorpusError(f"{name}: a dataset is a Hub id or a folder; for files use `caracal prepare files`")
+    if not local.exists() and not data_files and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise CorpusError(f"{name}: no such folder (and not a Hub id like HuggingFaceFW/fineweb-edu)")
     if kind == "fineweb":  # what FineWeb's manifests recorded before `prepare hf`: kept, so those datasets resume
         args: dict[str, Any] = {"data_files": data_files} if data_files else {"dataset": name, "config": config}
     else:

@@ -402,6 +402,7 @@ def test_hf_refuses_bad_input_in_one_line(tmp_path, monkeypatch):
     for args, message in (([saved, "--text-field", "story"], "no column 'story' (columns: text, n)"),
                           ([saved, "--split", "dev"], "no split 'dev' (splits: train, test)"),
                           ([tmp_path / "file.jsonl"], "for files use `caracal prepare files`"),
+                          ([tmp_path / "missing"], "missing: no such folder"),
                           (["someone/tinystories"], "cannot reach the Hugging Face Hub")):
         result = run("hf", *args, "--out", tmp_path / "out")
         lines = result.output.strip().splitlines()
