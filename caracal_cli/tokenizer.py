@@ -91,15 +91,15 @@ class GPT2Tokenizer:
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer (a trained BPE or a user's tokenizer.json)."""
 
-    def __init__(self, tokenizer, name: str):
+    def __init__(self, tokenizer, name: str, eot: str = EOT):
         tokenizer.encode_special_tokens = True  # "<|endoftext|>" written in a document stays text
         self._tok = tokenizer
         self.name = name
         self.vocab_size = tokenizer.get_vocab_size()
-        eot = tokenizer.token_to_id(EOT)
-        if eot is None:
-            raise TokenizerError(f"tokenizer {name!r} has no {EOT} token")
-        self.eot_id = eot
+        eot_id = tokenizer.token_to_id(eot)
+        if eot_id is None:
+            raise TokenizerError(f"tokenizer {name!r} has no {eot} token")
+        self.eot_token, self.eot_id = eot, eot_id  # another end-of-text token than GPT-2's: an imported tokenizer
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -125,11 +125,12 @@ class HFTokenizer:
 
         with atomic_write(Path(directory) / TOKENIZER_FILE, "w") as handle:
             handle.write(self._tok.to_str())
-        write_json(Path(directory) / REFERENCE_FILE, {"name": self.name, "file": TOKENIZER_FILE})
+        eot = {} if self.eot_token == EOT else {"eot": self.eot_token}
+        write_json(Path(directory) / REFERENCE_FILE, {"name": self.name, "file": TOKENIZER_FILE, **eot})
         return {**self.entry(), "file": TOKENIZER_FILE}
 
     def __reduce__(self):
-        return _hf_from_json, (self._tok.to_str(), self.name)
+        return _hf_from_json, (self._tok.to_str(), self.name, self.eot_token)
 
     def entry(self) -> dict:
         return {"name": self.name, "file": None, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
@@ -138,10 +139,10 @@ class HFTokenizer:
 Tokenizer = GPT2Tokenizer | HFTokenizer
 
 
-def _hf_from_json(text: str, name: str) -> HFTokenizer:
+def _hf_from_json(text: str, name: str, eot: str = EOT) -> HFTokenizer:
     from tokenizers import Tokenizer as HFTok
 
-    return HFTokenizer(HFTok.from_str(text), name=name)
+    return HFTokenizer(HFTok.from_str(text), name=name, eot=eot)
 
 
 @functools.lru_cache(maxsize=1)
@@ -173,12 +174,12 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if str(spec) == "gpt2":
         return gpt2()
     path = Path(spec)
-    name = None
+    name, eot = None, EOT
     if path.is_dir():
         if (path / REFERENCE_FILE).is_file():
             try:
                 ref = json.loads((path / REFERENCE_FILE).read_text())
-                name, file = ref["name"], ref.get("file")
+                name, file, eot = ref["name"], ref.get("file"), ref.get("eot", EOT)
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise TokenizerError(f"{path / REFERENCE_FILE}: not a tokenizer reference") from None
             if file is None:
@@ -196,4 +197,4 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         tok = HFTok.from_file(str(path))
     except Exception as err:  # tokenizers raises plain Exception on a malformed file
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from None
-    return HFTokenizer(tok, name=name or path.parent.name + "/" + path.name)
+    return HFTokenizer(tok, name=name or path.parent.name + "/" + path.name, eot=eot)

@@ -50,6 +50,7 @@ from caracal_cli.model import (
 )
 from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, read_metrics, require_tensorboard
 from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches
+from caracal_cli.shards import MANIFEST, keep_folder_manifest
 from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
 
 DATA_FILE = "data.json"  # in the run directory: the data directory and its manifest summary
@@ -116,6 +117,8 @@ def resolve_run(preset: str | None, overrides: list[str], data: str | Path | Non
 def _tokenizer_files(data_dir: Path) -> list[Path]:
     """The files `tokenizer.load_tokenizer(data_dir)` reads, to copy into the run directory."""
     files = [data_dir / name for name in (TOKENIZER_FILE, REFERENCE_FILE) if (data_dir / name).is_file()]
+    if not files and not (data_dir / MANIFEST).is_file():
+        return []  # a plain llm.c folder: `keep_folder_manifest` saves its tokenizer reference in the run
     if not files:
         raise TrainError(f"{data_dir}: no {TOKENIZER_FILE} or {REFERENCE_FILE} (was it made by `caracal prepare`?)")
     return files
@@ -533,6 +536,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                                              "fingerprint": data_fingerprint(manifest)})
             if job.micro_batch_choice is not None and job.micro_batch_choice.method != "explicit":
                 write_json(run_dir / AUTOBATCH_FILE, job.micro_batch_choice.to_dict())
+        keep_folder_manifest(run_dir, manifest, job.resume)
     peak = peak_flops_for(dev, job.peak_flops)
     gpu = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
     mode = "fsdp" if sharded else "ddp" if ranks.world_size > 1 else "single process"

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from caracal_cli.cli import app
 
 runner = CliRunner()
-COMMANDS = ["prepare", "train", "eval", "ablate", "speed", "generate", "demo", "info"]
+COMMANDS = ["prepare", "train", "eval", "ablate", "speed", "generate", "demo", "info", "export", "import"]
 
 
 def test_help_lists_every_subcommand():

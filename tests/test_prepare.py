@@ -239,10 +239,13 @@ def interrupt_after(monkeypatch, shards):
     return lambda: monkeypatch.setattr(prepare, "write_shard", real)
 
 
-@pytest.mark.parametrize("source", ["shakespeare", "fineweb"])
+@pytest.mark.parametrize("source", ["shakespeare", "fineweb", "hf"])
 def test_interrupted_run_resumes_to_the_same_shards(tmp_path, monkeypatch, source):
     if source == "shakespeare":
         args = ["shakespeare", "--shard-tokens", 200_000]
+    elif source == "hf":
+        args = ["hf", save_dataset(tmp_path / "saved", {"train": fineweb_docs(300)}), "--val-tokens", 1500,
+                "--shard-tokens", 1000]
     else:
         args = ["fineweb", "--data-files", write_fineweb(tmp_path / "fw", fineweb_docs(300), files=3),
                 "--val-tokens", 1500, "--shard-tokens", 1000]
@@ -260,7 +263,7 @@ def test_interrupted_run_resumes_to_the_same_shards(tmp_path, monkeypatch, sourc
     assert "resumed" in result.output
     assert checksums(out) == checksums(tmp_path / "whole")
     assert load_manifest(out)["complete"]
-    if source == "fineweb":  # the stream restarted from its saved state, not from the first row
+    if source != "shakespeare":  # the stream restarted from its saved state, not from the first row
         assert load_manifest(out)["resume"]["state"] is not None
 
 
@@ -356,3 +359,52 @@ def test_validation_leaves_training_data(tmp_path):
     result = run("fineweb", "--data-files", pattern, "--val-tokens", 10_000_000, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "all of them in the validation split" in result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- any dataset `datasets` streams -------------------------------------------------------------------------
+def save_dataset(directory, splits: dict[str, list[str]], field: str = "text"):
+    """A dataset as `save_to_disk` writes it (what `datasets` keeps offline), one split or several."""
+    import datasets
+
+    parts = {name: datasets.Dataset.from_dict({field: texts, "n": list(range(len(texts)))})
+             for name, texts in splits.items()}
+    saved = parts["train"] if list(parts) == ["train"] else datasets.DatasetDict(parts)
+    saved.save_to_disk(str(directory))
+    return directory
+
+
+def test_hf_reads_a_local_folder_and_a_saved_dataset_split(tmp_path):
+    texts = fineweb_docs(60)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.jsonl").write_text("".join(json.dumps({"story": t}) + "\n" for t in texts))
+    result = run("hf", tmp_path / "folder", "--text-field", "story", "--val-tokens", 300, "--shard-tokens", 700,
+                 "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(tmp_path / "a")
+    assert manifest["source"] == {"kind": "hf", "args": {"dataset": str(tmp_path / "folder"), "config": None,
+                                                         "split": "train", "text_field": "story"}}
+    assert [e["tokens"] for e in manifest["splits"]["val"]] == [300]
+    assert np.array_equal(stream(tmp_path / "a"), expected_stream(texts))
+    other = fineweb_docs(40, seed=1)
+    saved = save_dataset(tmp_path / "saved", {"train": texts, "validation": other}, field="story")
+    result = run("hf", saved, "--split", "validation", "--text-field", "story", "--val-tokens", 200,
+                 "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(stream(tmp_path / "b"), expected_stream(other))
+
+
+def test_hf_refuses_bad_input_in_one_line(tmp_path, monkeypatch):
+    saved = save_dataset(tmp_path / "saved", {"train": ["one", "two"], "test": ["three"]})
+    (tmp_path / "file.jsonl").write_text("{}\n")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    for args, message in (([saved, "--text-field", "story"], "no column 'story' (columns: text, n)"),
+                          ([saved, "--split", "dev"], "no split 'dev' (splits: train, test)"),
+                          ([tmp_path / "file.jsonl"], "for files use `caracal prepare files`"),
+                          ([tmp_path / "missing"], "missing: no such folder"),
+                          (["someone/tinystories"], "cannot reach the Hugging Face Hub")):
+        result = run("hf", *args, "--out", tmp_path / "out")
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+        assert not (tmp_path / "out").exists()

@@ -7,21 +7,22 @@ import numpy as np
 import pytest
 
 from caracal_cli.fileio import sha256_file
-from caracal_cli.shards import (HEADER_BYTES, MAGIC, ShardError, check_vocab_fits, load_manifest, read_header,
-                                read_shard, save_manifest, split_tokens, verify_checksums, verify_dataset,
+from caracal_cli.shards import (HEADER_BYTES, MAGIC, MAGIC_UINT32, ShardError, check_vocab_fits, load_manifest,
+                                read_header, read_shard, save_manifest, split_tokens, verify_checksums, verify_dataset,
                                 write_shard)
 
 
-@pytest.mark.parametrize("vocab_size, version, dtype", [(50257, 1, np.uint16), (65536, 1, np.uint16),
-                                                        (100_000, 2, np.uint32)])
-def test_roundtrip_and_header(tmp_path, vocab_size, version, dtype):
+@pytest.mark.parametrize("vocab_size, magic, version, dtype", [(50257, MAGIC, 1, np.uint16),
+                                                               (65536, MAGIC, 1, np.uint16),
+                                                               (100_000, MAGIC_UINT32, 7, np.uint32)])
+def test_roundtrip_and_header(tmp_path, vocab_size, magic, version, dtype):
     tokens = np.random.default_rng(0).integers(0, vocab_size, size=1000)
     tokens[0], tokens[-1] = 0, vocab_size - 1
     path = tmp_path / "train_000000.bin"
     write_shard(path, tokens, vocab_size)
     raw = path.read_bytes()
     header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
-    assert (header[0], header[1], header[2]) == (MAGIC, version, 1000) and not header[3:].any()
+    assert (header[0], header[1], header[2]) == (magic, version, 1000) and not header[3:].any()
     assert len(raw) == HEADER_BYTES + 1000 * np.dtype(dtype).itemsize
     assert read_header(path) == (version, 1000)
     back = read_shard(path)
