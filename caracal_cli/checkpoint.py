@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from caracal_cli.config import CaracalError, Config, config_from_dict
-from caracal_cli.fileio import atomic_write, write_json
+from caracal_cli.fileio import UMASK, atomic_write, write_json
 from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
@@ -105,10 +106,13 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700: a checkpoint is shared like the rest of the run
         save_file(weights, str(tmp / WEIGHTS_FILE))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
         write_json(tmp / META_FILE, {"step": step, **meta})
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~UMASK)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -131,6 +135,8 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run_dir, checkpoint_dir) for a run directory (its newest checkpoint) or a checkpoint directory."""
     path = Path(path)
+    if path.is_file() or path.name == "checkpoints":  # a checkpoint's file, or the folder of a run's checkpoints
+        path = path.parent
     if (path / WEIGHTS_FILE).is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
         return run_dir, path
@@ -172,11 +178,7 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path:
-    """The run under `runs_dir` whose newest checkpoint was written last."""
-    root = Path(runs_dir)
-    candidates = [(latest.stat().st_mtime, run) for run in root.glob("*")
-                  if run.is_dir() and (latest := latest_checkpoint(run)) is not None]
-    if not candidates:
-        raise CheckpointError(f"no run with a checkpoint under {root}/ (train one with `caracal train`, "
-                              f"or pass --checkpoint)")
-    return max(candidates)[1]
+    """The run under `runs_dir`, at any depth, whose newest checkpoint was written last."""
+    from caracal_cli.runs import newest_run
+
+    return newest_run(runs_dir)

@@ -105,10 +105,12 @@ class Console:
     def start(self, start_step: int, end_step: int) -> None:
         if not self.live:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+        # The ETA is the loop's own (averaged over many steps), not rich's: with steps of 10-20 s, rich's
+        # 30-second window holds one or two of them and its estimate jumps.
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+                                 TextColumn("{task.fields[status]}"))
         self.task = self.progress.add_task("train", total=end_step, completed=start_step, status="")
         self.progress.start()
 
@@ -127,7 +129,8 @@ class Console:
             mfu = "" if record.get("mfu") is None else f" | MFU {100 * record['mfu']:.1f}%"
             self.progress.update(self.task, completed=record["step"],
                                  status=f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                                        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s{mfu}")
+                                        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | "
+                                        f"ETA {format_duration(eta)}")
         if record["step"] % self.log_every == 0 or record["step"] == self.total_steps:
             self.print(format_step(record, self.total_steps, eta))
 

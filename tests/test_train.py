@@ -174,6 +174,53 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(data, straight, tmp_p
     assert resumed["val_loss"] == straight["val_loss"]
 
 
+def test_a_second_ctrl_c_stops_at_once_and_saves_the_last_completed_step(data, straight, tmp_path, monkeypatch,
+                                                                         capfd):
+    run = tmp_path / "twice"
+    schedule = learning_rate
+
+    def ctrl_c_twice_in_step_3(step, plan, cfg):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # acknowledged at once; the step goes on
+            os.kill(os.getpid(), signal.SIGINT)  # the step is abandoned: step 2 is saved
+        return schedule(step, plan, cfg)
+
+    monkeypatch.setattr(train_module, "learning_rate", ctrl_c_twice_in_step_3)
+    stopped = train(load_preset("demo", TINY), data, run, max_steps=6, device="cpu", progress=False)
+    err = capfd.readouterr().err
+    assert f"SIGINT: stopping after this step; resume with: caracal train --resume {run}" in err
+    assert "second Ctrl-C: stopping now, saving the last completed step" in err
+    assert stopped["stopped_by"] == "SIGINT" and stopped["step"] == 2
+    assert latest_checkpoint(run).name == "step_00000002"
+    monkeypatch.setattr(train_module, "learning_rate", schedule)
+    train(None, None, run, max_steps=6, resume=True, device="cpu", quiet=True)
+    a, b = weights(straight["run_dir"]), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # nothing of the abandoned step leaked into the checkpoint
+
+
+def test_resume_with_changes_extends_the_run_and_records_them(data, tmp_path):
+    run = tmp_path / "extended"
+    first = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run), "--device",
+                                "cpu", "--max-steps", "2", *tiny_args()])
+    assert first.exit_code == 0, first.output
+    # the end-of-run summary: tokens, throughput, validation, the checkpoint, the next commands
+    for text in ("done: step 2, 1,024 tokens", "tokens/s", "validation: loss", "checkpoint: ", "caracal plot"):
+        assert text in first.output, text
+    refused = runner.invoke(app, ["train", "--resume", str(run), "--set", "train.tokens=1000"])
+    assert refused.exit_code == 1 and "does not extend the run" in refused.output
+    again = runner.invoke(app, ["train", "--resume", str(run), "--device", "cpu", "--max-steps", "3",
+                                "--set", "train.tokens=40960", "--set", "train.lr=1e-3"])
+    assert again.exit_code == 0, again.output
+    assert "changed on resume (config_history.jsonl): train.lr 0.003 → 0.001, train.tokens 20480 → 40960" \
+        in again.output
+    saved = load_run_config(run)
+    assert saved.train.tokens == 40960 and saved.train.lr == 1e-3
+    [entry] = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert entry["from_step"] == 2 and entry["changes"]["train.tokens"] == {"from": 20480, "to": 40960}
+    lrs = [r["lr"] for r in read_metrics(run) if "lr" in r]
+    assert len(lrs) == 3 and lrs[2] == pytest.approx(learning_rate(2, plan_batches(saved.train, 64, 1), saved.train))
+
+
 def test_sigterm_saves_a_checkpoint_and_the_cli_exits_143(data, tmp_path, monkeypatch):
     schedule = learning_rate
 
@@ -273,7 +320,9 @@ def _config_only_run(tmp_path) -> Path:
     (["--preset", "demo", "--set", "train.global_batch_tokens=1000"], "is not a multiple of micro_batch"),
     (["--preset", "demo", "--data", "BIG"], "more than the model's vocab_size 4096"),
     (["--resume", "EMPTY"], "no checkpoints to resume from"),
-    (["--resume", "EMPTY", "--set", "train.lr=1"], "drop --preset and --set"),
+    (["--resume", "EMPTY", "--preset", "demo"], "drop --preset"),
+    (["--resume", "EMPTY", "--set", "model.d_model=64"], "--resume cannot change model.d_model: it changes the model"),
+    (["--resume", "EMPTY", "--set", "train.micro_batch=2"], "cannot change train.micro_batch: it changes the batch"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message, data, tmp_path):
     replace = {"BIG": str(make_dataset(tmp_path / "big", 2_000, 500, vocab_size=50257)) if "BIG" in args else "",
