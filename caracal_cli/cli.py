@@ -91,7 +91,7 @@ def print_table(table: Table) -> None:
     rich would cut every column to a few letters (`jamba-d…`)."""
     from rich.measure import Measurement
 
-    if Measurement.get(console, console.options, table).minimum <= console.width:
+    if Measurement.get(console, console.options.update_width(10_000), table).maximum <= console.width:
         console.print(table)
         return
     headers = [str(column.header) for column in table.columns]
@@ -99,7 +99,7 @@ def print_table(table: Table) -> None:
         console.print(str(table.title), style="bold", highlight=False)
     for row in zip(*(column.cells for column in table.columns), strict=True):
         console.print(f"{row[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(headers[1:], row[1:], strict=True)),
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
 
 
 def not_built(command: str):
