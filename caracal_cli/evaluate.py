@@ -385,7 +385,7 @@ def missing_dataset(err: BaseException) -> tuple[str, str, str] | None:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if path in ("json", "csv", "parquet", "text", "arrow"):
         return name, "", reason
-    return name, path + (f" ({subset})" if subset else ""), reason
+    return name, path + (f" ({subset})" if subset and subset != "default" else ""), reason
 
 
 def hf_cache_dir() -> str:

@@ -159,7 +159,8 @@ def test_compare_diffs_configs_and_puts_curves_on_one_figure(tmp_path):
     assert "train.lr" in result.output and "a/run" in result.output and "b/run" in result.output
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["step"] for r in report["runs"]] == [6, 9]
-    assert report["runs"][0]["best_val_loss"] == pytest.approx(4.7) and report["runs"][0]["val_loss"] == pytest.approx(5.2)
+    first = report["runs"][0]
+    assert first["best_val_loss"] == pytest.approx(4.7) and first["val_loss"] == pytest.approx(5.2)
     image = matplotlib.image.imread(tmp_path / "cmp" / "compare.png")
     assert image.shape[0] > 600 and image[..., :3].std() > 0.05
     with pytest.raises(RunError, match="two runs or more"):
@@ -176,6 +177,7 @@ def test_final_metrics_and_the_end_of_run_summary(tmp_path):
               "stopped_by": None}
     text = "\n".join(summary_lines(result, 75.0))
     for part in ("done: step 6, 3,072 tokens", "this session 1m15s", "1.0k tokens/s", "MFU 25.0%",
-                 "validation: loss 5.2000, perplexity 181.30; best 4.7000 at step 3", f"caracal eval --checkpoint {run}",
+                 "validation: loss 5.2000, perplexity 181.30; best 4.7000 at step 3",
+                 f"caracal eval --checkpoint {run}",
                  f"caracal train --resume {run} --set train.tokens="):
         assert part in text, part

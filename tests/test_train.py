@@ -303,8 +303,12 @@ def test_dry_run_prints_the_config_and_the_batch_plan(data):
                                  "--nproc-per-node", "2"])
     assert result.exit_code == 0, result.output
     for line in ["d_model: 128", "world size:        2", "micro-batch:       16 sequences × 128 tokens",
-                 "grad accumulation: 1 micro-steps", "tokens per step:   4096", "total steps:       732"]:
+                 "grad accumulation: 1 micro-steps", "tokens per step:   4096", "total steps:       732",
+                 f"path: {data}"]:  # data.path is the --data given
         assert line in result.output
+    assert "is 75.0 epochs over the data's 40,000 training tokens" in result.output.replace("\n", " ")
+    large = runner.invoke(app, ["train", "--preset", "tiny", "--data", str(data), "--dry-run", "--device", "cpu"])
+    assert "tiny (63M parameters) on the CPU: 10,000,000,000 tokens would take" in large.output.replace("\n", " ")
 
 
 def _config_only_run(tmp_path) -> Path:
@@ -333,6 +337,14 @@ def test_bad_input_is_one_line_without_traceback(args, message, data, tmp_path):
     result = runner.invoke(app, ["train", *args, "--device", "cpu"])
     assert result.exit_code == 1, result.output
     assert message in result.output.replace("\n", "") and "Traceback" not in result.output
+
+
+def test_checkpoints_follow_the_umask(straight):
+    umask = os.umask(0)
+    os.umask(umask)
+    checkpoint = Path(straight["checkpoint"])
+    assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.stat().st_mode & 0o777 for f in checkpoint.iterdir()} == {0o666 & ~umask}
 
 
 def test_a_new_run_refuses_a_directory_that_holds_checkpoints(data, straight):
