@@ -308,7 +308,10 @@ def train(
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank (with --nnodes > 1)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to RUN_DIR/tensorboard."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to RUN_DIR/tensorboard (event files "
+                                     "written directly: no package needed; view with `tensorboard --logdir`)."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (pip install 'caracal[wandb]'; "
+                               "WANDB_MODE=offline keeps it local, WANDB_PROJECT names the project)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (as train.compile=true)."),
     peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU "
                                                "(default: 989e12 on H100/H200; none on CPU)."),
@@ -353,6 +356,7 @@ def train(
         child += ["--max-steps", str(max_steps)] if max_steps else []
         child += ["--peak-flops", str(peak_flops)] if peak_flops else []
         child += (["--tensorboard"] if tensorboard else []) + (["--compile"] if compile else [])
+        child += ["--wandb"] if wandb else []
         child += ["--threads", str(threads)]
         raise typer.Exit(trainer.launch(trainer.torchrun_command(child, nproc_per_node, nnodes, node_rank,
                                                                  rdzv_endpoint)))
@@ -360,7 +364,7 @@ def train(
     try:
         result = trainer.train(setup.config, setup.data_dir, setup.run_dir, max_steps=max_steps,
                                resume=setup.resume, device=device, tensorboard=tensorboard, peak_flops=peak_flops,
-                               compile=compile or None)
+                               compile=compile or None, wandb=wandb)
     except CaracalError:
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
             raise typer.Exit(1) from None

@@ -311,10 +311,10 @@ def summary_lines(result: dict[str, Any], wall_seconds: float) -> list[str]:
         lines.append(f"validation: loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}{best}")
     if result.get("checkpoint"):
         lines.append(f"checkpoint: {result['checkpoint']}")
-    lines.append("next: " + ("; ".join([f"caracal train --resume {run}"] if result.get("stopped_by") else [
-        f"caracal eval --checkpoint {run} --tasks paper", f"caracal plot {run}",
-        f"caracal train --resume {run} --set train.tokens=N  (to train on)"])))
-    return lines
+    commands = [f"caracal train --resume {run}"] if result.get("stopped_by") else [
+        f"caracal eval --checkpoint {run} --tasks paper", f"caracal plot {run} --metric val_loss",
+        f"caracal train --resume {run} --set train.tokens=N    # train on, to N tokens in all"]
+    return lines + [("next: " if i == 0 else "      ") + command for i, command in enumerate(commands)]
 
 
 # --- warnings before a run ------------------------------------------------------------------------------

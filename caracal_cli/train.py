@@ -43,7 +43,7 @@ from caracal_cli.device import resolve_device, to_device
 from caracal_cli.fileio import write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
 from caracal_cli.model import build_model, count_parameters, flops_per_token, kernel_paths
-from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, require_tensorboard
+from caracal_cli.monitor import Console, Loggers, MetricsLog, TensorBoard, WandB, peak_flops_for
 from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches
 from caracal_cli.runs import check_resume_overrides, config_changes, record_config_change
 from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
@@ -364,7 +364,8 @@ def _grad_sync(model: torch.nn.Module, sync: bool, sharded: bool):
 
 def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Path, *, max_steps: int | None = None,
           resume: bool = False, device: str = "auto", tensorboard: bool = False, peak_flops: float | None = None,
-          compile: bool | None = None, progress: bool | None = None, quiet: bool = False) -> dict[str, Any]:
+          compile: bool | None = None, progress: bool | None = None, quiet: bool = False,
+          wandb: bool = False) -> dict[str, Any]:
     """Train `config` on the dataset in `data_dir`, writing `run_dir`; with `resume`, continue `run_dir` from
     its newest checkpoint with its saved config (`config` and `data_dir` may then be None). `max_steps` stops
     after that optimizer step (counted from the run's start). Under torchrun, every process calls this.
@@ -395,9 +396,10 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
               tokenizer_files=_tokenizer_files(data_dir),
               end_step=plan.total_steps if max_steps is None else min(plan.total_steps, max_steps),
               compile=tc.compile if compile is None else compile, peak_flops=peak_flops)
-    if tensorboard:
-        require_tensorboard()  # on every rank, before any of them waits for the others
-    board = TensorBoard(run_dir) if tensorboard and ranks.main else None
+    sinks = [TensorBoard(run_dir)] if tensorboard and ranks.main else []
+    if wandb and ranks.main:
+        sinks.append(WandB(run_dir, config.to_dict(), setup.resume))
+    board = Loggers(sinks) if sinks else None
     created_group = _init_process_group(ranks, job.device)
     try:
         return _run(job, board, Console(ranks.main and not quiet, tc.log_every, job.end_step, progress))
@@ -430,7 +432,7 @@ class Job:
     peak_flops: float | None
 
 
-def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any]:
+def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
     config, data_dir, manifest, run_dir, plan, ranks = (job.config, job.data_dir, job.manifest, job.run_dir,
                                                         job.plan, job.ranks)
     dev, batches, end_step = job.device, job.batches, job.end_step

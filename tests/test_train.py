@@ -352,11 +352,90 @@ def test_a_new_run_refuses_a_directory_that_holds_checkpoints(data, straight):
         train(load_preset("demo", TINY), data, straight["run_dir"], device="cpu", quiet=True)
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None,
-                    reason="tensorboard is installed")
-def test_tensorboard_without_the_package_says_how_to_get_it(data, tmp_path):
-    with pytest.raises(CaracalError, match="pip install tensorboard"):
-        train(load_preset("demo", TINY), data, tmp_path / "tb", tensorboard=True, device="cpu", quiet=True)
+def read_tensorboard(folder: Path) -> list[tuple[int, dict[str, float]]]:
+    """(step, {tag: value}) of every scalar event, each record's two CRCs checked (a reader written from the
+    TFRecord and Event definitions, independent of the writer's helpers but for the CRC)."""
+    import struct
+
+    from caracal_cli.monitor import crc32c
+
+    def masked(data):
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    def fields(buf):
+        i = 0
+        while i < len(buf):
+            key, shift = 0, 0
+            while True:
+                key |= (buf[i] & 0x7F) << shift
+                shift, i = shift + 7, i + 1
+                if not buf[i - 1] & 0x80:
+                    break
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, shift = 0, 0
+                while True:
+                    value |= (buf[i] & 0x7F) << shift
+                    shift, i = shift + 7, i + 1
+                    if not buf[i - 1] & 0x80:
+                        break
+            elif wire == 1:
+                value, i = struct.unpack("<d", buf[i:i + 8])[0], i + 8
+            elif wire == 5:
+                value, i = struct.unpack("<f", buf[i:i + 4])[0], i + 4
+            else:
+                length = buf[i]  # every length here is under 128
+                value, i = buf[i + 1:i + 1 + length], i + 1 + length
+            yield number, value
+
+    [path] = folder.glob("events.out.tfevents.*")
+    data, events = path.read_bytes(), []
+    while data:
+        header, header_crc = data[:8], struct.unpack("<I", data[8:12])[0]
+        length = struct.unpack("<Q", header)[0]
+        event, event_crc = data[12:12 + length], struct.unpack("<I", data[12 + length:16 + length])[0]
+        assert header_crc == masked(header) and event_crc == masked(event)
+        data = data[16 + length:]
+        parsed = list(fields(event))
+        summary = [v for n, v in parsed if n == 5]
+        if summary:
+            values = [dict(fields(value)) for _, value in fields(summary[0])]
+            events.append((dict(parsed)[2], {v[1].decode(): v[2] for v in values}))
+        else:
+            assert dict(parsed)[3] == b"brain.Event:2"
+    return events
+
+
+def test_tensorboard_event_files_are_written_without_the_package(data, tmp_path):
+    from caracal_cli.monitor import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    run = tmp_path / "tb"
+    train(load_preset("demo", TINY), data, run, max_steps=4, tensorboard=True, device="cpu", quiet=True)
+    events = read_tensorboard(run / "tensorboard")
+    logged = [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+    losses = [(step, scalars["train/loss"]) for step, scalars in events if "train/loss" in scalars]
+    assert [s for s, _ in losses] == [s for s, _ in logged] == [1, 2, 3, 4]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+    assert [step for step, scalars in events if "val/val_loss" in scalars] == [4]
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_wandb_logs_offline(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "wb"
+    train(load_preset("demo", TINY), data, run, max_steps=2, wandb=True, device="cpu", quiet=True)
+    [logged] = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert logged.stat().st_size > 0 and (run / "wandb_id").read_text().strip() in logged.name
 
 
 def test_torchrun_command_relaunches_this_cli():
