@@ -74,6 +74,8 @@ def set_threads(threads: Optional[int], processes: int = 1) -> int:
     torch.set_num_threads where torch is already loaded. OpenMP threads also wait passively by default: on a
     busy 2-core machine spinning threads ran the demo model at 0.2k tokens/s, sleeping ones at 1.6k (3.3k vs
     3.9k when idle); OMP_WAIT_POLICY=ACTIVE restores spinning."""
+    if threads is None and "torch" in sys.modules:  # an in-process caller that loaded torch keeps its setting
+        return sys.modules["torch"].get_num_threads()
     if threads is None:
         given = os.environ.get("OMP_NUM_THREADS", "")
         threads = int(given) if given.isdigit() and int(given) > 0 else \

@@ -28,6 +28,7 @@ def test_demo_runs_every_stage_and_improves_perplexity(tmp_path):
     for key in ("data", "run", "checkpoint", "results", "tasks_dir"):
         assert Path(summary[key]).exists(), key
     assert "validation perplexity" in result.output and "caracal generate --checkpoint" in result.output
+    assert "caracal loglikelihood" not in result.output and "it/s]" not in result.output  # no lm-eval bars
 
     again = CliRunner().invoke(app, args)  # a re-run reuses the prepared data and the finished run
     assert again.exit_code == 0, again.output

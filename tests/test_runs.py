@@ -103,17 +103,19 @@ def test_threads_sets_openmp_and_torch_threads(monkeypatch):
     import torch
 
     before = torch.get_num_threads()
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "x")  # recorded, so the test's changes are undone
+        monkeypatch.delenv(name)
     try:
         assert cli.set_threads(1) == 1 and torch.get_num_threads() == 1
         assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-        monkeypatch.delenv("OMP_NUM_THREADS")
-        assert cli.set_threads(None, processes=len(os.sched_getaffinity(0)) * 4) == 1  # at least one
-        monkeypatch.setenv("OMP_NUM_THREADS", "3")
-        assert cli.set_threads(None) == 3  # the user's setting wins
     finally:
         torch.set_num_threads(before)
+    defaults = ("import os; from caracal_cli.cli import set_threads; "
+                "print(set_threads(None, processes=10**6), set_threads(None), os.environ['OMP_WAIT_POLICY'])")
+    assert python(defaults).stdout.split() == ["1", "1", "PASSIVE"]  # at least one thread; then it is set
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert python(defaults).stdout.split() == ["3", "3", "PASSIVE"]  # the user's setting wins
 
 
 # --- finding runs ---------------------------------------------------------------------------------------
