@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from caracal_cli.config import CaracalError, Config, config_from_dict, warn
-from caracal_cli.fileio import atomic_write, sha256_file, write_json
+from caracal_cli.fileio import UMASK, atomic_write, sha256_file, write_json
 from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
@@ -112,6 +113,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700: a checkpoint is shared like the rest of the run
         try:
             with atomic_write(tmp / WEIGHTS_FILE) as handle:
                 handle.write(save(weights))
@@ -230,6 +232,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run_dir, checkpoint_dir) for a run directory (its newest intact checkpoint, see `intact_checkpoint`)
     or a checkpoint directory (refused when damaged). Only the weights are verified: that is what is read."""
     path = Path(path)
+    if path.is_file() or path.name == "checkpoints":  # a checkpoint's file, or the folder of a run's checkpoints
+        path = path.parent
     if (path / WEIGHTS_FILE).is_file():
         if problem := verify_checkpoint(path, (WEIGHTS_FILE,)):
             raise CheckpointError(f"{path}: {problem}")
@@ -289,11 +293,7 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path:
-    """The run under `runs_dir` whose newest checkpoint was written last."""
-    root = Path(runs_dir)
-    candidates = [(latest.stat().st_mtime, run) for run in root.glob("*")
-                  if run.is_dir() and (latest := latest_checkpoint(run)) is not None]
-    if not candidates:
-        raise CheckpointError(f"no run with a checkpoint under {root}/ (train one with `caracal train`, "
-                              f"or pass --checkpoint)")
-    return max(candidates)[1]
+    """The run under `runs_dir`, at any depth, whose newest checkpoint was written last."""
+    from caracal_cli.runs import newest_run
+
+    return newest_run(runs_dir)

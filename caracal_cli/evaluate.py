@@ -368,9 +368,9 @@ def task_manager_for(names: list[str], include_path: str | Path | None = None):
     return manager
 
 
-def missing_dataset_message(err: BaseException) -> str | None:
-    """One line naming the dataset a task failed to load and how to provide it, if `err` was raised while a task
-    downloaded its data (lm-eval's `Task.download`); None for any other error."""
+def missing_dataset(err: BaseException) -> tuple[str, str, str] | None:
+    """(task, dataset, reason) when `err` was raised while a task loaded its data (lm-eval's `Task.download`):
+    dataset is the Hub id (with its subset), or '' for a task over local files; None for any other error."""
     from lm_eval.api.task import Task
 
     task = None
@@ -384,16 +384,49 @@ def missing_dataset_message(err: BaseException) -> str | None:
     path, subset = task.DATASET_PATH, task.DATASET_NAME
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if path in ("json", "csv", "parquet", "text", "arrow"):
-        return f"task {name}: cannot read its local data files ({reason})"
-    dataset = path + (f" ({subset})" if subset else "")
-    args = repr(path) + (f", {subset!r}" if subset else "")
-    where = "the Hub download failed" if os.environ.get("HF_HUB_OFFLINE") == "0" else \
-        "evaluation runs offline (--online lets lm-eval download it)"
-    return (f"task {name} needs the Hugging Face dataset {dataset}, which is not in the local cache "
-            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {where}: download it on a connected "
-            f"machine (python -c \"import datasets; datasets.load_dataset({args})\") and copy its HF cache here, "
-            f"or pass --include-path DIR holding a task YAML over local JSONL (caracal_cli.evaluate."
-            f"write_local_task and write_local_lambada write them); {reason}")
+        return name, "", reason
+    return name, path + (f" ({subset})" if subset and subset != "default" else ""), reason
+
+
+def hf_cache_dir() -> str:
+    return os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+
+
+def missing_datasets_message(names: list[str], manager, first: tuple[str, str, str]) -> str:
+    """One message naming every requested task whose dataset is not at hand (each task is loaded on its own
+    to find them all; offline, a missing one fails at once), the one command that fetches them on a connected
+    machine, and where the cache goes."""
+    from lm_eval.tasks import get_task_dict
+
+    missing = []
+    for name in names:
+        try:
+            get_task_dict([name], manager)
+        except Exception as err:  # noqa: BLE001 - a task that fails otherwise is reported by the real run
+            found = missing_dataset(err)
+            if found is not None:
+                missing.append(found)
+    return format_missing(missing or [first])
+
+
+def missing_dataset_message(err: BaseException) -> str | None:
+    """`format_missing` for the one dataset whose loading raised `err`; None for any other error."""
+    found = missing_dataset(err)
+    return None if found is None else format_missing([found])
+
+
+def format_missing(missing: list[tuple[str, str, str]]) -> str:
+    local = [f"task {task}: cannot read its local data files ({reason})" for task, dataset, reason in missing
+             if not dataset]
+    if local:
+        return "; ".join(local)
+    listed = ", ".join(f"{task} ({dataset})" for task, dataset, _ in missing)
+    if os.environ.get("HF_HUB_OFFLINE") == "0":
+        return f"the Hub download failed for {listed}: {missing[0][2]}"
+    return (f"datasets not in the local HF cache ({hf_cache_dir()}) and evaluation runs offline: {listed}. "
+            f"On a connected machine run `caracal eval --download-only --tasks "
+            f"{','.join(task for task, _, _ in missing)}` and copy its HF cache folder to {hf_cache_dir()} here "
+            f"(or set HF_HOME); or pass --online, or --include-path DIR with local task files")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | None = None,
@@ -431,10 +464,10 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | Non
                                   batch_size=lm.batch_size, bootstrap_iters=bootstrap_iters,
                                   log_samples=log_samples, task_manager=manager)
     except Exception as err:
-        message = missing_dataset_message(err)
-        if message is None:
+        first = missing_dataset(err)
+        if first is None:
             raise
-        raise EvalError(message) from None
+        raise EvalError(missing_datasets_message(names, manager, first)) from None
     step = read_meta(ckpt).get("step")
     summary = {**summarize(results), "checkpoint": str(ckpt), "run_dir": str(run_dir), "step": step}
     results["caracal"] = {"checkpoint": str(ckpt), "run_dir": str(run_dir), "step": step, "tasks": names,
@@ -444,6 +477,17 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | Non
     write_results(path, results)
     summary["results_path"] = str(path)
     return summary
+
+
+def download_tasks(tasks: str | Iterable[str], include_path: str | Path | None = None) -> list[str]:
+    """Load `tasks` once with the Hub online, which fills the local HF cache (`caracal eval --download-only`);
+    returns their lm-eval names."""
+    from lm_eval.tasks import get_task_dict
+
+    use_offline_hub(online=True)
+    names = resolve_task_names(tasks)
+    get_task_dict(names, task_manager_for(names, include_path))
+    return names
 
 
 def write_results(path: str | Path, results: dict) -> None:

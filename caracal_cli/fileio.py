@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from caracal_cli.config import CaracalError, warn
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)  # read once (it can only be read by setting it); files we make follow it
+os.umask(UMASK)
 
 
 @contextlib.contextmanager
@@ -30,7 +30,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared dataset must be readable like any file
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; a shared dataset must be readable like any file
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,30 +92,135 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def require_tensorboard() -> None:
-    import importlib.util
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
 
-    if importlib.util.find_spec("tensorboard") is None:
-        raise CaracalError("--tensorboard needs the tensorboard package (pip install tensorboard)")
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _message(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): a string or a nested message."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def tensorboard_event(wall_time: float, step: int | None = None, scalars: dict[str, float] | None = None,
+                      file_version: str | None = None) -> bytes:
+    """One `tensorflow.Event` protobuf: wall_time (1, double), step (2, int64), file_version (3, string),
+    summary (5) holding one Summary.Value (tag 1, simple_value 2 as float) per scalar."""
+    event = b"\x09" + struct.pack("<d", wall_time)
+    if step is not None:
+        event += b"\x10" + _varint(step)
+    if file_version is not None:
+        event += _message(3, file_version.encode())
+    if scalars:
+        values = b"".join(_message(1, _message(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+                          for tag, value in scalars.items())
+        event += _message(5, values)
+    return event
 
 
 class TensorBoard:
-    """Scalars under RUN_DIR/tensorboard (train/* per step, val/* per evaluation)."""
+    """Scalars under RUN_DIR/tensorboard (train/* per step, val/* per evaluation) in TensorBoard's event-file
+    format, written here (Event protobufs in TFRecord framing: length, masked CRC-32C, data, masked CRC-32C), so
+    `tensorboard --logdir RUN_DIR` reads them and training needs no tensorboard package."""
 
     def __init__(self, run_dir: str | Path):
-        require_tensorboard()
-        from torch.utils.tensorboard import SummaryWriter
+        folder = Path(run_dir) / "tensorboard"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.handle = open(self.path, "ab")  # noqa: SIM115 - open for the whole run, closed by close()
+        self._record(tensorboard_event(time.time(), file_version="brain.Event:2"))
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+    def _record(self, event: bytes) -> None:
+        header = struct.pack("<Q", len(event))
+        self.handle.write(header + struct.pack("<I", _masked_crc(header)) + event
+                          + struct.pack("<I", _masked_crc(event)))
+        self.handle.flush()
 
     def write(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
-            if key not in ("step", "tokens", "elapsed") and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}",
-                                       value, record["step"])
+        scalars = {(f"val/{key}" if key.startswith("val") else f"train/{key}"): float(value)
+                   for key, value in record.items() if key not in ("step", "tokens", "elapsed")
+                   and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if scalars:
+            self._record(tensorboard_event(time.time(), record["step"], scalars))
 
     def close(self) -> None:
-        self.writer.close()
+        self.handle.close()
+
+
+class WandB:
+    """Weights & Biases logging (`--wandb`, the optional extra `pip install caracal[wandb]`): the same records
+    as metrics.jsonl, the run's config, the run directory's name; WANDB_MODE=offline keeps it on this machine."""
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume: bool):
+        try:
+            import wandb
+        except ImportError:
+            raise CaracalError("--wandb needs the wandb package (pip install 'caracal[wandb]')") from None
+        run_dir = Path(run_dir)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "caracal"), name=run_dir.name,
+                              dir=str(run_dir), config=config, id=_wandb_id(run_dir), resume="allow" if resume
+                              else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log({key: value for key, value in record.items() if key != "step" and value is not None},
+                     step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A W&B run id kept in RUN_DIR/wandb_id, so a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_id"
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{run_dir.name[:40]}-{os.urandom(4).hex()}".replace("/", "-") + "\n")
+    return path.read_text().strip()
+
+
+class Loggers:
+    """The optional metric sinks of rank 0 (TensorBoard, W&B), written to together."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 class Console:
@@ -126,10 +235,12 @@ class Console:
     def start(self, start_step: int, end_step: int) -> None:
         if not self.live:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+        # The ETA is the loop's own (averaged over many steps), not rich's: with steps of 10-20 s, rich's
+        # 30-second window holds one or two of them and its estimate jumps.
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+                                 TextColumn("{task.fields[status]}"))
         self.task = self.progress.add_task("train", total=end_step, completed=start_step, status="")
         self.progress.start()
 
@@ -148,7 +259,8 @@ class Console:
             mfu = "" if record.get("mfu") is None else f" | MFU {100 * record['mfu']:.1f}%"
             self.progress.update(self.task, completed=record["step"],
                                  status=f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                                        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s{mfu}")
+                                        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | "
+                                        f"ETA {format_duration(eta)}")
         if record["step"] % self.log_every == 0 or record["step"] == self.total_steps:
             self.print(format_step(record, self.total_steps, eta))
 

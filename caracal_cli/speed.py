@@ -48,6 +48,9 @@ SIZES = ("tiny", "small", "medium", "large", "demo")
 MODES = ("train", "prefill", "decode")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+# On a CPU the GPU sweep's defaults (small models up to L=16384 at 65,536 tokens a step) grew past 22 GB and ran
+# for minutes before the kernel killed them: without options a CPU sweep measures these instead.
+CPU_DEFAULTS = {"size": "demo", "lengths": (256, 512, 1024, 2048), "tokens_per_step": 8192, "repeats": 3}
 SCHEMA = "caracal-speed/1"
 
 # The bare FFT convolutions the mixer benchmark times against their memory-traffic floor: name → f(v, g) -> y,
@@ -128,12 +131,20 @@ def _split(text: str, option: str) -> list[str]:
     return items
 
 
-def parse_settings(models: str | None = None, size: str = "small", lengths: str | None = None,
-                   tokens_per_step: int = 65536, mode: str = "train", dtype: str | None = None,
-                   compile: bool = False, repeats: int = 5, warmup: int = 2, device: str = "auto",
+def parse_settings(models: str | None = None, size: str | None = None, lengths: str | None = None,
+                   tokens_per_step: int | None = None, mode: str = "train", dtype: str | None = None,
+                   compile: bool = False, repeats: int | None = None, warmup: int = 2, device: str = "auto",
                    decode_tokens: int = 32, mixers: bool = False,
                    overrides: list[str] | tuple[str, ...] = (), isolate: bool | None = None) -> SpeedSettings:
-    """Check the command-line options and resolve the defaults that depend on the device."""
+    """Check the command-line options and resolve the defaults that depend on the device (CPU_DEFAULTS on a
+    CPU, where a sweep whose largest training step would not fit in the memory available is refused)."""
+    device = str(resolve_device(device))
+    cpu = device == "cpu"
+    size = size or (CPU_DEFAULTS["size"] if cpu else "small")
+    tokens_per_step = tokens_per_step or (CPU_DEFAULTS["tokens_per_step"] if cpu else 65536)
+    repeats = repeats or (CPU_DEFAULTS["repeats"] if cpu else 5)
+    if lengths is None and cpu:
+        lengths = ",".join(map(str, CPU_DEFAULTS["lengths"]))
     model_list = list(dict.fromkeys(_split(models, "--models"))) if models is not None else list(DEFAULT_MODELS)
     known = known_models()
     for model in model_list:
@@ -159,7 +170,8 @@ def parse_settings(models: str | None = None, size: str = "small", lengths: str 
             raise SpeedError(f"{name} must be >= {least}, got {value}")
     for override in overrides:
         parse_override(override)  # a malformed --set is one error, not one per model
-    device = str(resolve_device(device))
+    if cpu and "train" in modes and not mixers:
+        _refuse_what_cannot_fit(size, max(length_list), tokens_per_step, overrides)
     if dtype is None:
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPES:
@@ -167,6 +179,26 @@ def parse_settings(models: str | None = None, size: str = "small", lengths: str 
     return SpeedSettings(model_list, size, length_list, tokens_per_step, modes, dtype, compile, repeats, warmup,
                          device, decode_tokens, mixers, list(overrides),
                          device.startswith("cuda") if isolate is None else isolate)
+
+
+def _refuse_what_cannot_fit(size: str, length: int, tokens: int, overrides) -> None:
+    """Refuse a CPU sweep whose longest training step would need more memory than is available, by `caracal
+    info`'s estimate for the Caracal model of that size (a quick trace on the meta device; the SSMs' reference
+    scans trace too slowly to check each model)."""
+    from caracal_cli.info import train_memory_estimate
+
+    try:
+        available = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                             if line.startswith("MemAvailable:"))) * 1024
+        config = load_preset(preset_name("caracal", size), [*overrides, f"model.context={length}"])
+    except (OSError, StopIteration, CaracalError):
+        return  # no /proc (not Linux), or a --set the Caracal preset rejects: measured points will tell
+    need = train_memory_estimate(config, max(1, tokens // length))["total_gib"] * 2**30
+    if need > 0.8 * available:
+        raise SpeedError(f"on this CPU a training step of the {size} size at L={length} with {tokens} tokens "
+                         f"would need about {need / 2**30:.1f} GiB (estimate for Caracal) and "
+                         f"{available / 2**30:.1f} GiB is available: lower --tokens-per-step, --lengths or "
+                         f"--size (without them a CPU sweep measures {CPU_DEFAULTS})")
 
 
 # --- environment and measurement ----------------------------------------------------------------------------
@@ -470,7 +502,7 @@ def _precision(settings: SpeedSettings) -> str:
 def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None = None,
                model_done: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """The model sweep: one entry per model × mode × length, in that order. `model_done` gets the report so
-    far after each model (the CLI saves it, so a sweep stopped midway keeps what it measured)."""
+    far after each point and each model (the CLI saves it, so a sweep stopped midway keeps what it measured)."""
     device = torch.device(settings.device)
     report = {"schema": SCHEMA, "kind": "models", "command": settings.command(), "settings": asdict(settings),
               "environment": environment(device), "models": {}, "results": []}
@@ -496,6 +528,8 @@ def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None 
                 report["results"].append(entry)
                 if progress:
                     progress(entry)
+                if model_done:  # after every point: a sweep stopped midway keeps what it measured
+                    model_done(report)
         del model, runner
         sweep(name, lambda: guarded(dict, device))  # frees the model, and notices a device that failed
         if model_done:

@@ -41,15 +41,16 @@ from caracal_cli.checkpoint import (
     config_yaml, intact_checkpoint, latest_checkpoint, load_run_config, load_trainer_state, load_weights,
     model_state, read_meta, remove_orphans, save_checkpoint, save_run_config,
 )
-from caracal_cli.config import CaracalError, Config, load_preset, warn
+from caracal_cli.config import CaracalError, Config, apply_overrides, config_from_dict, load_preset, warn
 from caracal_cli.device import resolve_device, to_device
 from caracal_cli.fileio import DirectoryLock, write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
 from caracal_cli.model import (
     build_model, count_parameters, flops_per_token, kernel_paths, set_activation_checkpointing,
 )
-from caracal_cli.monitor import Console, MetricsLog, TensorBoard, peak_flops_for, read_metrics, require_tensorboard
-from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches
+from caracal_cli.monitor import Console, Loggers, MetricsLog, TensorBoard, WandB, peak_flops_for, read_metrics
+from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches, planned_steps
+from caracal_cli.runs import check_resume_overrides, config_changes, record_config_change
 from caracal_cli.shards import MANIFEST, keep_folder_manifest
 from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
 
@@ -95,14 +96,18 @@ def resolve_run(preset: str | None, overrides: list[str], data: str | Path | Non
                 resume: str | Path | None) -> RunSetup:
     """Config, data directory and run directory of a new run (`preset`) or a resumed one (`resume`)."""
     if resume is not None:
-        if preset is not None or overrides:
-            raise TrainError("--resume continues a run with its saved config: drop --preset and --set")
+        if preset is not None:
+            raise TrainError("--resume continues a run with its saved config: drop --preset")
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise TrainError(f"{run_dir}: no such run directory")
         config = load_run_config(run_dir)
-        if latest_checkpoint(run_dir) is None:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
             raise TrainError(f"{run_dir}: no checkpoints to resume from")
+        if overrides:  # a longer budget or another schedule; refused with the reason for what would break the run
+            check_resume_overrides(overrides, read_meta(latest).get("tokens"))
+            config = config_from_dict(apply_overrides(config.to_dict(), overrides), name=config.name)
         return RunSetup(config, _data_dir(config, data, run_dir), run_dir, True)
     if preset is None:
         raise TrainError("give --preset NAME (or --resume RUN_DIR)")
@@ -134,24 +139,31 @@ def _data_dir(config: Config, data: str | Path | None, run_dir: Path | None = No
     path = Path(data)
     if not path.is_dir():
         raise TrainError(f"{path}: data directory not found (make one with `caracal prepare`)")
+    if run_dir is None:  # a new run: its config (and --dry-run) names the data it trains on
+        config.data.path = str(path)
     return path
 
 
 def dry_run_report(setup: RunSetup, world_size: int, device: str = "auto") -> str:
     """What `--dry-run` prints: the resolved config and the batch plan, checked as a real run would be
     (`train.micro_batch: auto` is resolved on `device` as the run would: real steps on a GPU)."""
-    config, choice = choose_micro_batch(setup.config, resolve_device(device), world_size, Console(True, 1, 0, False))
-    plan = plan_batches(config.train, config.model.context, world_size)
-    how = "" if choice.method == "explicit" else f" (auto: {choice.summary()})"
-    lines = [config_yaml(setup.config).rstrip(), "",
-             f"world size:        {plan.world_size}",
-             f"micro-batch:       {plan.micro_batch} sequences × {plan.context} tokens per process{how}",
-             f"grad accumulation: {plan.grad_accum} micro-steps",
-             f"tokens per step:   {plan.tokens_per_step}",
-             f"total steps:       {plan.total_steps} ({setup.config.train.tokens} tokens)",
-             f"warmup steps:      {plan.warmup_steps}",
-             f"data:              {setup.data_dir}",
-             f"run directory:     {setup.run_dir}" + (" (resume)" if setup.resume else "")]
+    lines = [config_yaml(setup.config).rstrip(), "", f"world size:        {world_size}"]
+    try:
+        config, choice = choose_micro_batch(setup.config, resolve_device(device), world_size,
+                                            Console(True, 1, 0, False))
+    except CaracalError as err:  # auto with nothing that fits (a large preset on a CPU): said, not fatal here
+        lines += [f"micro-batch:       auto: {err}",
+                  f"total steps:       {planned_steps(setup.config.train)} ({setup.config.train.tokens} tokens)"]
+    else:
+        plan = plan_batches(config.train, config.model.context, world_size)
+        how = "" if choice.method == "explicit" else f" (auto: {choice.summary()})"
+        lines += [f"micro-batch:       {plan.micro_batch} sequences × {plan.context} tokens per process{how}",
+                  f"grad accumulation: {plan.grad_accum} micro-steps",
+                  f"tokens per step:   {plan.tokens_per_step}",
+                  f"total steps:       {plan.total_steps} ({setup.config.train.tokens} tokens)",
+                  f"warmup steps:      {plan.warmup_steps}"]
+    lines += [f"data:              {setup.data_dir}",
+              f"run directory:     {setup.run_dir}" + (" (resume)" if setup.resume else "")]
     return "\n".join(lines)
 
 
@@ -334,12 +346,21 @@ class TrainState:
     stopped_by: str | None = None  # SIGINT / SIGTERM
 
 
-class StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop reads between steps; a second SIGINT interrupts at once."""
+class StopNow(BaseException):
+    """A second Ctrl-C: leave the step now (not an Exception, so no `except Exception` swallows it)."""
 
-    def __init__(self):
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop reads between steps, and the first Ctrl-C says so at once. A
+    second Ctrl-C leaves the current step: one process saves the last completed step; under torchrun the ranks
+    could not agree on a step to save, so it says it exits without saving. Between `hold()` and `release()` (an
+    optimizer update, a save) the second Ctrl-C waits for `release()`."""
+
+    def __init__(self, run_dir: Path | None = None, announce: bool = True, can_save: bool = True):
         self.caught: set[int] = set()
         self._previous: dict[int, Any] = {}
+        self.run_dir, self.announce, self.can_save = run_dir, announce, can_save
+        self.now = self._in_critical = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -347,10 +368,41 @@ class StopRequest:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def _say(self, text: str) -> None:
+        if self.announce:
+            sys.stderr.write(f"\n{text}\n")
+            sys.stderr.flush()
+
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and signal.SIGINT in self.caught:
-            raise KeyboardInterrupt
+            self._say("second Ctrl-C: stopping now, " + ("saving the last completed step" if self.can_save else
+                      "WITHOUT saving (a multi-process run saves only at a step's end; the newest checkpoint "
+                      "stays)"))
+            if not self.can_save:
+                os._exit(130)
+            self.now = True
+            if not self._in_critical:
+                raise StopNow
+            return
+        if not self.caught:
+            self._say(f"{signal.Signals(signum).name}: stopping after this step"
+                      + (f"; resume with: caracal train --resume {self.run_dir}" if self.run_dir else "")
+                      + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""))
         self.caught.add(signum)
+
+    def hold(self) -> None:
+        self._in_critical = True
+
+    def release(self) -> None:
+        self._in_critical = False
+        if self.now:
+            raise StopNow
+
+    @contextlib.contextmanager
+    def held(self):
+        self.hold()
+        yield
+        self.release()
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
@@ -370,7 +422,7 @@ def _grad_sync(model: torch.nn.Module, sync: bool, sharded: bool):
 def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Path, *, max_steps: int | None = None,
           resume: bool = False, device: str = "auto", tensorboard: bool = False, peak_flops: float | None = None,
           compile: bool | None = None, progress: bool | None = None, quiet: bool = False,
-          allow_incomplete: bool = False) -> dict[str, Any]:
+          allow_incomplete: bool = False, wandb: bool = False) -> dict[str, Any]:
     """Train `config` on the dataset in `data_dir`, writing `run_dir`; with `resume`, continue `run_dir` from
     its newest intact checkpoint with its saved config (`config` and `data_dir` may then be None; other data
     than the run's is refused). `max_steps` stops after that optimizer step (counted from the run's start).
@@ -383,6 +435,9 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
     run_dir = Path(run_dir)
     if resume:
         setup = resolve_run(None, [], data_dir, None, run_dir)
+        if config is not None:  # changed on resume: only keys a resumed run can honour (config_changes refuses)
+            config_changes(setup.config, config)
+            setup.config = config
     else:
         if config is None:
             raise TrainError("train() needs a config for a new run")
@@ -395,11 +450,12 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
         check_same_data(run_dir, data_dir, manifest, update=False)
     dev = resolve_device(device, ranks.local_rank)
     compile = config.train.compile if compile is None else compile
-    if tensorboard:
-        require_tensorboard()  # on every rank, before any of them waits for the others
     lock = DirectoryLock(run_dir, "run directory").acquire() if ranks.main else None  # one writer per run
     try:
-        board = TensorBoard(run_dir) if tensorboard and ranks.main else None
+        sinks = [TensorBoard(run_dir)] if tensorboard and ranks.main else []
+        if wandb and ranks.main:
+            sinks.append(WandB(run_dir, config.to_dict(), setup.resume))
+        board = Loggers(sinks) if sinks else None
         created_group = _init_process_group(ranks, dev)
         try:
             console = Console(ranks.main and not quiet, config.train.log_every, 0, progress)
@@ -465,7 +521,7 @@ class Job:
     micro_batch_choice: AutoBatch | None = None
 
 
-def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any]:
+def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
     config, data_dir, manifest, run_dir, plan, ranks = (job.config, job.data_dir, job.manifest, job.run_dir,
                                                         job.plan, job.ranks)
     dev, batches, end_step = job.device, job.batches, job.end_step
@@ -520,12 +576,16 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
         if ranks.main:
             _warn_inexact_resume(read_meta(checkpoint), ranks.world_size, dev, tc)
 
+    changes = config_changes(load_run_config(run_dir), config) if job.resume else {}
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_orphans(run_dir)  # a killed writer's temporary files and checkpoint directories
         if job.resume:
             check_same_data(run_dir, data_dir, manifest)  # refused before; here data.json follows a move
             metrics.truncate_after(state.step)
+            if changes:
+                record_config_change(run_dir, changes, state.step)
+                save_run_config(run_dir, config)
         else:
             metrics.path.unlink(missing_ok=True)  # the rows of an earlier attempt, killed before a checkpoint
             save_run_config(run_dir, config)
@@ -547,6 +607,9 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                   f"{plan.world_size} ranks = {plan.tokens_per_step} tokens/step, steps {state.step}→{end_step} "
                   f"of {plan.total_steps} | data {data_dir} ({len(batches.stream)} train tokens) | "
                   f"run {run_dir}" + (f" | resumed from {checkpoint.name}" if checkpoint else ""))
+    if changes:
+        console.print("changed on resume (config_history.jsonl): " + ", ".join(
+            f"{key} {old} → {new}" for key, (old, new) in changes.items()))
 
     def save(meta_loss: float | None) -> Path:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -588,7 +651,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
         return True
 
     start_step, session_start = state.step, time.perf_counter()
-    timed_tokens, timed_seconds, step_time = 0, 0.0, None
+    timed_tokens, timed_seconds, step_time, timed_steps = 0, 0.0, None, 0
     # A resumed run has its checkpoint; its validation is done unless it was killed before writing it.
     last_save = state.step if checkpoint is not None else -1
     last_eval = state.step if validated else -1
@@ -611,7 +674,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
     ahead: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     console.start(start_step, end_step)
     try:
-        with StopRequest() as stop:
+        with StopRequest(run_dir, console.enabled, can_save=ranks.world_size == 1) as stop:
             for step in range(start_step, end_step):
                 t0 = time.perf_counter()
                 lr = learning_rate(step, plan, tc)
@@ -637,6 +700,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                                       torch.tensor(float(signal.SIGTERM in stop.caught), device=dev)])
                 if ranks.world_size > 1:
                     dist.all_reduce(report)
+                stop.hold()  # from the update until the step is counted, a second Ctrl-C waits
                 if update_first:
                     optimizer.found_inf = (~torch.isfinite(report[:2]).all()).float()
                     update()
@@ -658,9 +722,13 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                 dt = time.perf_counter() - t0
                 state.step, state.tokens, state.loss = step + 1, state.tokens + plan.tokens_per_step, loss_value
                 state.elapsed += dt
+                stop.release()
                 if step > start_step:  # the first step of a session pays for compilation and warm caches
                     timed_tokens, timed_seconds = timed_tokens + plan.tokens_per_step, timed_seconds + dt
-                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+                    # ETA: the mean of this session's timed steps, then a slow average (one step's jump barely
+                    # moves it)
+                    timed_steps += 1
+                    step_time = dt if step_time is None else step_time + (dt - step_time) / min(timed_steps, 20)
                 tokens_per_s = plan.tokens_per_step / dt
                 record = {"step": state.step, "tokens": state.tokens, "loss": loss_value, "lr": lr,
                           "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
@@ -670,7 +738,7 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     metrics.write(record)
                     if board is not None:
                         board.write(record)
-                console.step(record, (end_step - state.step) * step_time)
+                console.step(record, (end_step - state.step) * (step_time or dt))
 
                 stopping = sigint > 0 or sigterm > 0
                 if state.step % tc.eval_every == 0 and state.step < end_step and not stopping:
@@ -678,12 +746,13 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                         stopping, sigterm = True, float(signal.SIGTERM in stop.caught)
                     last_eval = state.step
                 if state.step % tc.checkpoint_every == 0 or stopping:
-                    save(loss_value)
-                    last_save = state.step
+                    with stop.held():
+                        save(loss_value)
+                        last_save = state.step
                 if stopping:
                     state.stopped_by = "SIGTERM" if sigterm > 0 else "SIGINT"
                     console.print(f"{state.stopped_by}: stopped after step {state.step}, "
-                                  f"checkpoint {state.checkpoint}")
+                                  f"checkpoint {state.checkpoint}; resume with: caracal train --resume {run_dir}")
                     break
             # the end (reached now, or earlier by a run killed before its final validation): validate and save
             if state.stopped_by is None and (state.step > start_step or state.step == end_step):
@@ -699,6 +768,13 @@ def _run(job: Job, board: TensorBoard | None, console: Console) -> dict[str, Any
                     began = time.perf_counter()
                     save(state.loss)
                     console.print(f"checkpoint {state.checkpoint}: {time.perf_counter() - began:.1f} s")
+    except StopNow:  # a second Ctrl-C: the weights and optimizer are still those of the last completed step
+        state.stopped_by = "SIGINT"
+        if state.step > start_step and last_save != state.step:
+            save(state.loss)
+        saved = f"saved step {state.step}: {state.checkpoint}" if state.checkpoint else "no step completed"
+        console.print(f"SIGINT: stopped during step {state.step + 1}; {saved}"
+                      + (f"; resume with: caracal train --resume {run_dir}" if state.checkpoint else ""))
     finally:
         console.close()
     session = time.perf_counter() - session_start

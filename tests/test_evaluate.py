@@ -289,13 +289,15 @@ def _run(args: list[str], tmp_path, timeout: int = 120) -> subprocess.CompletedP
                           cwd=tmp_path)
 
 
-def test_a_task_whose_dataset_is_missing_fails_in_one_line(run_dir, tmp_path):
-    result = _run(["caracal_cli", "eval", "--checkpoint", str(run_dir), "--tasks", "lambada", "--device", "cpu"],
-                  tmp_path)
+def test_every_missing_dataset_is_named_in_one_line_with_the_command_that_fetches_them(run_dir, tmp_path):
+    result = _run(["caracal_cli", "eval", "--checkpoint", str(run_dir), "--tasks", "lambada,arc_e", "--device",
+                   "cpu"], tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "EleutherAI/lambada_openai" in line and "--include-path" in line and "task lambada_openai" in line
+    assert "lambada_openai (EleutherAI/lambada_openai), arc_easy (allenai/ai2_arc (ARC-Easy))" in line
+    assert "caracal eval --download-only --tasks lambada_openai,arc_easy" in line
+    assert f"copy its HF cache folder to {tmp_path / 'hf-home'}" in line and "--include-path" in line
 
 
 def test_lm_eval_own_cli_runs_the_caracal_model(run_dir, task_dir, tmp_path):

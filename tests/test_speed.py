@@ -283,3 +283,28 @@ def test_merge_refuses_runs_that_measured_different_things(tmp_path):
         assert "Traceback" not in result.output and not (tmp_path / "merged").exists()
     result = runner.invoke(app, ["speed", "--merge", str(tmp_path / "a" / "speed.json"), "--models", "caracal"])
     assert result.exit_code == 1 and "--merge measures nothing; drop --models" in result.output
+
+
+def test_a_cpu_sweep_without_options_is_bounded_and_a_step_that_cannot_fit_is_refused():
+    settings = speed.parse_settings(device="cpu")
+    assert (settings.size, settings.lengths, settings.tokens_per_step, settings.repeats) == (
+        "demo", [256, 512, 1024, 2048], 8192, 3)
+    assert speed.parse_settings(device="cpu", size="tiny", lengths="512", tokens_per_step=4096).size == "tiny"
+    with pytest.raises(speed.SpeedError, match=r"would need about [\d.]+ GiB \(estimate for Caracal\)"):
+        speed.parse_settings(device="cpu", size="large", lengths="16384", tokens_per_step=1 << 22)
+
+
+def test_speed_json_is_rewritten_after_every_point(tmp_path, monkeypatch):
+    measured, measure = [], speed.measure_point
+
+    def stop_at_the_second_point(*args):
+        if measured:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the first model
+        measured.append(args)
+        return measure(*args)
+
+    monkeypatch.setattr(speed, "measure_point", stop_at_the_second_point)
+    runner.invoke(app, ["speed", "--size", "demo", "--lengths", "64,128", "--tokens-per-step", "128", "--repeats",
+                        "1", "--warmup", "0", "--models", "caracal", "--mode", "prefill", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["partial"] is True and [(e["length"], e["status"]) for e in report["results"]] == [(64, "ok")]

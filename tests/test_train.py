@@ -174,6 +174,53 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(data, straight, tmp_p
     assert resumed["val_loss"] == straight["val_loss"]
 
 
+def test_a_second_ctrl_c_stops_at_once_and_saves_the_last_completed_step(data, straight, tmp_path, monkeypatch,
+                                                                         capfd):
+    run = tmp_path / "twice"
+    schedule = learning_rate
+
+    def ctrl_c_twice_in_step_3(step, plan, cfg):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # acknowledged at once; the step goes on
+            os.kill(os.getpid(), signal.SIGINT)  # the step is abandoned: step 2 is saved
+        return schedule(step, plan, cfg)
+
+    monkeypatch.setattr(train_module, "learning_rate", ctrl_c_twice_in_step_3)
+    stopped = train(load_preset("demo", TINY), data, run, max_steps=6, device="cpu", progress=False)
+    err = capfd.readouterr().err
+    assert f"SIGINT: stopping after this step; resume with: caracal train --resume {run}" in err
+    assert "second Ctrl-C: stopping now, saving the last completed step" in err
+    assert stopped["stopped_by"] == "SIGINT" and stopped["step"] == 2
+    assert latest_checkpoint(run).name == "step_00000002"
+    monkeypatch.setattr(train_module, "learning_rate", schedule)
+    train(None, None, run, max_steps=6, resume=True, device="cpu", quiet=True)
+    a, b = weights(straight["run_dir"]), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # nothing of the abandoned step leaked into the checkpoint
+
+
+def test_resume_with_changes_extends_the_run_and_records_them(data, tmp_path):
+    run = tmp_path / "extended"
+    first = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run), "--device",
+                                "cpu", "--max-steps", "2", *tiny_args()])
+    assert first.exit_code == 0, first.output
+    # the end-of-run summary: tokens, throughput, validation, the checkpoint, the next commands
+    for text in ("done: step 2, 1,024 tokens", "tokens/s", "validation: loss", "checkpoint: ", "caracal plot"):
+        assert text in first.output, text
+    refused = runner.invoke(app, ["train", "--resume", str(run), "--set", "train.tokens=1000"])
+    assert refused.exit_code == 1 and "does not extend the run" in refused.output
+    again = runner.invoke(app, ["train", "--resume", str(run), "--device", "cpu", "--max-steps", "3",
+                                "--set", "train.tokens=40960", "--set", "train.lr=1e-3"])
+    assert again.exit_code == 0, again.output
+    assert "changed on resume (config_history.jsonl): train.lr 0.003 → 0.001, train.tokens 20480 → 40960" \
+        in again.output
+    saved = load_run_config(run)
+    assert saved.train.tokens == 40960 and saved.train.lr == 1e-3
+    [entry] = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert entry["from_step"] == 2 and entry["changes"]["train.tokens"] == {"from": 20480, "to": 40960}
+    lrs = [r["lr"] for r in read_metrics(run) if "lr" in r]
+    assert len(lrs) == 3 and lrs[2] == pytest.approx(learning_rate(2, plan_batches(saved.train, 64, 1), saved.train))
+
+
 def test_sigterm_saves_a_checkpoint_and_the_cli_exits_143(data, tmp_path, monkeypatch):
     schedule = learning_rate
 
@@ -256,8 +303,12 @@ def test_dry_run_prints_the_config_and_the_batch_plan(data):
                                  "--nproc-per-node", "2"])
     assert result.exit_code == 0, result.output
     for line in ["d_model: 128", "world size:        2", "micro-batch:       16 sequences × 128 tokens",
-                 "grad accumulation: 1 micro-steps", "tokens per step:   4096", "total steps:       732"]:
+                 "grad accumulation: 1 micro-steps", "tokens per step:   4096", "total steps:       732",
+                 f"path: {data}"]:  # data.path is the --data given
         assert line in result.output
+    assert "is 75.0 epochs over the data's 40,000 training tokens" in result.output.replace("\n", " ")
+    large = runner.invoke(app, ["train", "--preset", "tiny", "--data", str(data), "--dry-run", "--device", "cpu"])
+    assert "tiny (63M parameters) on the CPU: 10,000,000,000 tokens would take" in large.output.replace("\n", " ")
 
 
 def _config_only_run(tmp_path) -> Path:
@@ -273,7 +324,9 @@ def _config_only_run(tmp_path) -> Path:
     (["--preset", "demo", "--set", "train.global_batch_tokens=1000"], "is not a multiple of micro_batch"),
     (["--preset", "demo", "--data", "BIG"], "more than the model's vocab_size 4096"),
     (["--resume", "EMPTY"], "no checkpoints to resume from"),
-    (["--resume", "EMPTY", "--set", "train.lr=1"], "drop --preset and --set"),
+    (["--resume", "EMPTY", "--preset", "demo"], "drop --preset"),
+    (["--resume", "EMPTY", "--set", "model.d_model=64"], "--resume cannot change model.d_model: it changes the model"),
+    (["--resume", "EMPTY", "--set", "train.micro_batch=2"], "cannot change train.micro_batch: it changes the batch"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message, data, tmp_path):
     replace = {"BIG": str(make_dataset(tmp_path / "big", 2_000, 500, vocab_size=50257)) if "BIG" in args else "",
@@ -286,16 +339,103 @@ def test_bad_input_is_one_line_without_traceback(args, message, data, tmp_path):
     assert message in result.output.replace("\n", "") and "Traceback" not in result.output
 
 
+def test_checkpoints_follow_the_umask(straight):
+    umask = os.umask(0)
+    os.umask(umask)
+    checkpoint = Path(straight["checkpoint"])
+    assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.stat().st_mode & 0o777 for f in checkpoint.iterdir()} == {0o666 & ~umask}
+
+
 def test_a_new_run_refuses_a_directory_that_holds_checkpoints(data, straight):
     with pytest.raises(CaracalError, match="already holds checkpoints"):
         train(load_preset("demo", TINY), data, straight["run_dir"], device="cpu", quiet=True)
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None,
-                    reason="tensorboard is installed")
-def test_tensorboard_without_the_package_says_how_to_get_it(data, tmp_path):
-    with pytest.raises(CaracalError, match="pip install tensorboard"):
-        train(load_preset("demo", TINY), data, tmp_path / "tb", tensorboard=True, device="cpu", quiet=True)
+def read_tensorboard(folder: Path) -> list[tuple[int, dict[str, float]]]:
+    """(step, {tag: value}) of every scalar event, each record's two CRCs checked (a reader written from the
+    TFRecord and Event definitions, independent of the writer's helpers but for the CRC)."""
+    import struct
+
+    from caracal_cli.monitor import crc32c
+
+    def masked(data):
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    def fields(buf):
+        i = 0
+        while i < len(buf):
+            key, shift = 0, 0
+            while True:
+                key |= (buf[i] & 0x7F) << shift
+                shift, i = shift + 7, i + 1
+                if not buf[i - 1] & 0x80:
+                    break
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, shift = 0, 0
+                while True:
+                    value |= (buf[i] & 0x7F) << shift
+                    shift, i = shift + 7, i + 1
+                    if not buf[i - 1] & 0x80:
+                        break
+            elif wire == 1:
+                value, i = struct.unpack("<d", buf[i:i + 8])[0], i + 8
+            elif wire == 5:
+                value, i = struct.unpack("<f", buf[i:i + 4])[0], i + 4
+            else:
+                length = buf[i]  # every length here is under 128
+                value, i = buf[i + 1:i + 1 + length], i + 1 + length
+            yield number, value
+
+    [path] = folder.glob("events.out.tfevents.*")
+    data, events = path.read_bytes(), []
+    while data:
+        header, header_crc = data[:8], struct.unpack("<I", data[8:12])[0]
+        length = struct.unpack("<Q", header)[0]
+        event, event_crc = data[12:12 + length], struct.unpack("<I", data[12 + length:16 + length])[0]
+        assert header_crc == masked(header) and event_crc == masked(event)
+        data = data[16 + length:]
+        parsed = list(fields(event))
+        summary = [v for n, v in parsed if n == 5]
+        if summary:
+            values = [dict(fields(value)) for _, value in fields(summary[0])]
+            events.append((dict(parsed)[2], {v[1].decode(): v[2] for v in values}))
+        else:
+            assert dict(parsed)[3] == b"brain.Event:2"
+    return events
+
+
+def test_tensorboard_event_files_are_written_without_the_package(data, tmp_path):
+    from caracal_cli.monitor import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    run = tmp_path / "tb"
+    train(load_preset("demo", TINY), data, run, max_steps=4, tensorboard=True, device="cpu", quiet=True)
+    events = read_tensorboard(run / "tensorboard")
+    logged = [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+    losses = [(step, scalars["train/loss"]) for step, scalars in events if "train/loss" in scalars]
+    assert [s for s, _ in losses] == [s for s, _ in logged] == [1, 2, 3, 4]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+    assert [step for step, scalars in events if "val/val_loss" in scalars] == [4]
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_wandb_logs_offline(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "wb"
+    train(load_preset("demo", TINY), data, run, max_steps=2, wandb=True, device="cpu", quiet=True)
+    [logged] = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert logged.stat().st_size > 0 and (run / "wandb_id").read_text().strip() in logged.name
 
 
 def test_torchrun_command_relaunches_this_cli():
