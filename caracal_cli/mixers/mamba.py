@@ -14,7 +14,8 @@ mamba_ssm imports) run on this module's own parameters; the reference path (CPU,
 mamba_ssm) is plain PyTorch: a scan in chunks of 64 steps inside an autograd Function that keeps the state
 only where each chunk begins and recomputes the rest in backward, like the CUDA kernel, so memory stays
 O(B·L·E + B·(L/64)·E·N) rather than O(B·L·E·N).
-Cached decoding always runs the reference path: the conv state and h carry over from chunk to chunk.
+Cached decoding always runs the reference path: the conv state and h carry over from chunk to chunk; its
+one-token `step` has static shapes, so a CUDA graph can capture it.
 """
 
 from __future__ import annotations
@@ -304,13 +305,19 @@ class Mamba(nn.Module):
                     cache["ssm"].copy_(h_last)
             y = (y + u * self.D.to(work)) * F.silu(z)
         if cache is not None:
-            cache["pos"] += T
+            cache["pos"].add_(T)
         return self.out_proj(y.to(x.dtype))
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One decoding token [B, 1, D]: the recurrence's step, static shapes and no host sync (a CUDA graph can
+        hold it)."""
+        return self.forward(x, cache)
 
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         E = self.D.shape[0]
         dtype = dtype or torch.float32
-        return {"pos": 0, "conv": torch.zeros(batch, self.cfg.d_conv - 1, E, device=device, dtype=dtype),
+        return {"pos": torch.zeros((), dtype=torch.long, device=device),
+                "conv": torch.zeros(batch, self.cfg.d_conv - 1, E, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch, E, self.cfg.d_state, device=device, dtype=work_dtype(dtype))}
 
     def extra_flops(self, seq_len: int) -> float:

@@ -187,13 +187,19 @@ class Mamba2(nn.Module):
             y = (y + self.D.to(work)[:, None] * xs).reshape(Bsz, T, E)
             y = self.norm(y, z)
         if cache is not None:
-            cache["pos"] += T
+            cache["pos"].add_(T)
         return self.out_proj(y.to(x.dtype))
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One decoding token [B, 1, D]: one recurrence step, static shapes and no host sync (a CUDA graph can
+        hold it)."""
+        return self.forward(x, cache)
 
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         dtype = dtype or torch.float32
         channels = self.conv1d.in_channels
-        return {"pos": 0, "conv": torch.zeros(batch, self.cfg.d_conv - 1, channels, device=device, dtype=dtype),
+        return {"pos": torch.zeros((), dtype=torch.long, device=device),
+                "conv": torch.zeros(batch, self.cfg.d_conv - 1, channels, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch, self.nheads, self.cfg.headdim, self.cfg.d_state, device=device,
                                    dtype=work_dtype(dtype))}
 
