@@ -51,7 +51,6 @@ class Decoder:
         self.autocast = None if autocast == torch.float32 else autocast
         self.prefill_chunk, self.keep = prefill_chunk, keep
         self._slots: dict[tuple[int, int], _Slot] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool for every graph
         self.slot: _Slot | None = None
         self.pos = 0  # the host's copy of the position the next step writes
 
@@ -123,7 +122,7 @@ class Decoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         reset_caches(slot.caches)
         slot.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(slot.graph, pool=self._pool), self._autocast(capturing=True):
+        with torch.cuda.graph(slot.graph), self._autocast(capturing=True):
             slot.logits = self.model.decode_step(slot.tokens, slot.caches)
         reset_caches(slot.caches)
 
