@@ -188,8 +188,6 @@ class Attention(nn.Module):
     def _attend_cached(self, q, k, v, cache: dict, start: int) -> torch.Tensor:
         """A chunk after position 0: the keys the cache holds (in time order) followed by the chunk's own."""
         T, size = q.shape[2], cache["k"].shape[2]
-        if self.window is None and start + T > size:
-            raise ValueError(f"attention cache holds {size} positions; asked for {start + T}")
         held = min(start, size)
         order = torch.arange(start - held, start, device=q.device) % size
         keys = torch.cat([cache["k"][:, :, order].to(k.dtype), k], dim=2)
