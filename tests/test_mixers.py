@@ -87,6 +87,19 @@ def test_static_step_equals_full_forward_and_the_cache_restarts(raw):
         assert int(cache["pos"]) == length and all(isinstance(v, torch.Tensor) for v in cache.values())
 
 
+def test_mhf_step_reads_only_the_first_and_the_current_block():
+    """MHF's blocked decoding: once the finished blocks are folded, a step in block [c, c+S) reads the history
+    only at [0, S) and [c, t], so its work does not grow with t. NaN between them leaves the outputs exact."""
+    mixer = make({"kind": "mhf", "decode_block": 4})
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    cache = mixer.init_cache(2, 16, dtype=torch.float64)
+    steps = [mixer(x[:, :12], cache)]  # ends on a block boundary: the step's preparation folds [0, 12)
+    mixer.prepare_step(cache, 12)
+    cache["v"][:, 4:12] = cache["g"][:, 4:12] = float("nan")
+    steps += [mixer.step(x[:, t:t + 1], cache) for t in range(12, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), mixer(x), rtol=1e-10, atol=1e-10)
+
+
 def direct_causal_conv(v, g):
     """O(L²) oracle: y_t = Σ_{j≤t} v_j ⊙ g_{t−j}."""
     L = v.shape[1]
