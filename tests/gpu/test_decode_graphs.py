@@ -1,6 +1,6 @@
 """The CUDA-graph decoding path (`generate.Decoder`) against the eager step and the full forward, every family,
 on a CUDA machine; skipped elsewhere. Mamba and Mamba-2 prefill through the reference path here (a cached
-forward), and their decoding step is the reference step either way."""
+forward); their decoding step is mamba_ssm's selective_state_update where the library runs."""
 
 import pytest
 import torch
