@@ -33,6 +33,19 @@ def test_static_cache_decoding_equals_full_forward_for_every_family(preset):
     assert sorted(decoder._slots) == [(2, 32), (2, 64)]  # (batch, length): the first and third share one
 
 
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_decode_step_reads_nothing_back_to_the_host(preset):
+    """What a CUDA graph asks of the step: no value read back (.item(), int(), a branch on a tensor). Tensors on
+    the meta device hold no values, so any such read raises there."""
+    overrides = ["model.pos_emb=learned"] * (preset == "llama-demo")  # the position embedding's lookup too
+    with torch.device("meta"):
+        model = build_model(load_preset(preset, overrides).model).eval()
+    caches = model.init_caches(2, 64, device="meta")
+    with torch.inference_mode():
+        logits = model.decode_step(torch.zeros(2, 1, dtype=torch.long, device="meta"), caches)
+    assert logits.shape == (2, model.config.vocab_size)
+
+
 def test_buckets_and_decoder_errors():
     assert [bucket_length(n) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
     model = build_model(load_preset("demo", ["model.vocab_size=101"]).model).eval()
