@@ -214,21 +214,21 @@ class MHF(nn.Module):
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token x [B, 1, D] at position t = cache["pos"], after `prepare_step(cache, t)`: the current block's
-        pairs summed exactly, plus the fold. Static shapes and no host sync, so a CUDA graph can hold it."""
+        pairs summed exactly, plus the fold. Static shapes and no host sync, so a CUDA graph can hold it. The
+        streams after t are still zero (caches start empty and are filled in order), so the S − 1 − (t − c)
+        slots of the block not yet reached add nothing, without a mask."""
         pos, folded = cache["pos"], cache["folded"]
         S, work = folded.shape[1], folded.dtype
         v, g = self.streams(x, cache)
         cache["v"].index_copy_(1, pos.view(1), v.to(cache["v"].dtype))
         cache["g"].index_copy_(1, pos.view(1), g.to(cache["g"].dtype))
         offset = pos % S
-        c = pos - offset
         i = torch.arange(S, device=x.device)
-        lag = offset - i  # position c+i pairs with lag t − (c+i); negative: after t
-        live = (lag >= 0).to(work).unsqueeze(-1)  # [S, 1]
-        lag = lag.clamp(min=0)
-        read = lambda name, index: cache[name].index_select(1, index).to(work)  # noqa: E731  [B, S, d]
-        pairs = read("v", c + i) * read("g", lag) + (c > 0).to(work) * read("g", c + i) * read("v", lag)
-        y = (pairs * live).sum(1, keepdim=True) + folded.index_select(1, offset.view(1))  # [B, 1, d]
+        index = torch.cat([pos - offset + i, (offset - i).clamp(min=0)])  # block c…c+S−1, then lags t−c…t−c−S+1
+        hv = cache["v"].index_select(1, index).to(work)  # [B, 2S, d]
+        hg = cache["g"].index_select(1, index).to(work)
+        y = hv[:, :S] * hg[:, S:] + (pos >= S).to(work) * hg[:, :S] * hv[:, S:]  # j ≥ c; k ≥ c (one of them if c = 0)
+        y = y.sum(1, keepdim=True) + folded.index_select(1, offset.view(1))  # [B, 1, d]
         count = (pos + 1).to(work)
         y = y / count.sqrt() if self.cfg.scale == "sqrt" else y / count if self.cfg.scale == "mean" else y
         cache["pos"].add_(1)
