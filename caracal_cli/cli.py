@@ -698,6 +698,9 @@ def speed(
                                           show_default="5; 3 on a CPU"),
     warmup: int = typer.Option(2, help="Untimed runs before them."),
     decode_tokens: int = typer.Option(32, help="Cached one-token steps timed per decode run."),
+    decode_impl: Optional[str] = typer.Option(None, help="Decoding paths: eager, graph (the step replayed as a "
+                                              "CUDA graph), or both (default: both on CUDA, eager on CPU)."),
+    decode_batch: str = typer.Option("1,64", help="Comma-separated decode batch sizes (sequences per step)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: runs/speed-<timestamp>)."),
     mixers: bool = typer.Option(False, "--mixers", help="Time the mixers alone (MHF, attention, SWA, Mamba) and "
@@ -740,12 +743,14 @@ def speed(
         return
 
     settings = parse_settings(models, size, lengths, tokens_per_step, mode, dtype, compile, repeats, warmup,
-                              device, decode_tokens, mixers, overrides, isolate)
+                              device, decode_tokens, mixers, overrides, isolate, decode_impl, decode_batch)
     err_console.print(f"caracal speed on {settings.device}, {settings.dtype}: {settings.command()}", highlight=False)
 
     def progress(entry: dict):
         what = entry.get("model") or entry.get("name")
         label = entry.get("mode") or entry.get("pass")
+        if "impl" in entry:
+            label += f" {entry['impl']} ×{entry['batch']}"
         figure = f"{entry['median_ms']:.3g} ms" if entry["status"] == "ok" else entry["status"].upper()
         err_console.print(f"  {what} {label} L={entry['length']}: {figure}", highlight=False)
 

@@ -167,6 +167,7 @@ class CaracalLM(TemplateLM):
         self.batch_size = max(1, int(batch_size))
         self.max_gen_toks = int(max_gen_toks)
         self._sampling_warned = False
+        self._decoder = None  # made at the first generate_until, kept for its caches and graphs
 
     # The interface lm-eval asks for.
     @property
@@ -284,13 +285,17 @@ class CaracalLM(TemplateLM):
 
     @torch.inference_mode()
     def greedy_generate(self, contexts: list[list[int]], max_new: int, until: list[str]) -> list[str]:
-        """Greedy decoding of a batch of same-length contexts with the model's caches: one prefill forward, then
-        one token per step. Each text stops at EOT or when it contains a stop sequence, and is cut before it."""
+        """Greedy decoding of a batch of same-length contexts through a `Decoder` (static caches; CUDA graphs on
+        CUDA, reused by later batches of the same size and length bucket): one prefill forward, then one token
+        per step. Each text stops at EOT or when it contains a stop sequence, and is cut before it."""
+        from caracal_cli.generate import Decoder
+
         ids = torch.tensor(contexts, device=self._device)  # [B, T]
         batch, length = ids.shape
         steps = min(max_new, self.max_length - length)
-        caches = self.model.init_caches(batch, length + steps)
-        logits = self.model(ids, caches, last_only=True)[:, -1]  # [B, vocab]
+        if self._decoder is None:
+            self._decoder = Decoder(self.model)
+        logits = self._decoder.start(ids, steps)  # [B, vocab]
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         for step in range(steps):
@@ -306,7 +311,7 @@ class CaracalLM(TemplateLM):
                     done[b] = True
             if all(done) or step == steps - 1:
                 break
-            logits = self.model(next_ids[:, None], caches)[:, -1]
+            logits = self._decoder.step(next_ids)
         return [cut_at_stop(self.tok_decode(tokens), until) for tokens in generated]
 
     def _right_padded(self, sequences: list[list[int]]) -> torch.Tensor:

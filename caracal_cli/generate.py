@@ -1,11 +1,130 @@
-"""Text generation with per-layer caches: the prompt is prefilled with each mixer's parallel path, then every
-new token costs one cached step (a KV cache, a window ring, MHF's stored streams, an SSM state)."""
+"""Text generation with per-layer static caches: the prompt is prefilled with each mixer's parallel path, then
+every new token costs one cached step (a KV cache, a window ring, MHF's stored streams, an SSM state). On CUDA the
+step is a CUDA graph (`Decoder`): decoding a small model is otherwise bound by kernel launches and Python, not by
+the GPU (gpt-fast and vLLM do the same; mamba_ssm's `generate` captures its step too)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+
+from caracal_cli.model import reset_caches
+
+
+def bucket_length(positions: int) -> int:
+    """The cache length for `positions` positions: the next power of two (at least 64), so prompts of similar
+    lengths share one set of caches and one captured graph."""
+    return max(64, 1 << (positions - 1).bit_length())
+
+
+@dataclass
+class _Slot:
+    """Caches for one (batch, length), and the graph captured over them with its static input and output."""
+    length: int
+    caches: list[dict]
+    tokens: torch.Tensor | None = None  # [B, 1] long
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # [B, vocab]
+
+
+class Decoder:
+    """Decoding over static caches: `start` prefills a batch of same-length prompts (whole, or in chunks of
+    `prefill_chunk` tokens) and returns the last position's logits; each `step` feeds one token per sequence
+    and returns the next logits [B, vocab]. With `graphs` (default: on CUDA) a step replays a CUDA graph of
+    `model.decode_step`, captured once per (batch, cache length) and reused across tokens and prompts; without,
+    the same step runs eagerly (the reference, and the CPU path). A graph step's logits are a static buffer
+    that the next step overwrites. `autocast`: the dtype the model runs under (16-bit caches with it); the
+    `keep` most recently used (batch, length) caches are kept, with their graphs."""
+
+    def __init__(self, model, graphs: bool | None = None, autocast: torch.dtype | None = None,
+                 prefill_chunk: int | None = None, keep: int = 2):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {self.device.type}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.autocast = None if autocast == torch.float32 else autocast
+        self.prefill_chunk, self.keep = prefill_chunk, keep
+        self._slots: dict[tuple[int, int], _Slot] = {}
+        self.slot: _Slot | None = None
+        self.pos = 0  # the host's copy of the position the next step writes
+
+    def _autocast(self, capturing: bool = False):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        # a graph must not capture autocast's cached weight casts: they are freed when the context exits
+        return torch.autocast(self.device.type, dtype=self.autocast, cache_enabled=not capturing)
+
+    @torch.inference_mode()
+    def start(self, ids: torch.Tensor, max_new_tokens: int, length: int | None = None) -> torch.Tensor:
+        """Prefill ids [B, T] into caches for `length` positions (default: `bucket_length(T + max_new_tokens)`);
+        returns the logits [B, vocab] that the first new token is chosen from."""
+        batch, T = ids.shape
+        length = length or bucket_length(T + max_new_tokens)
+        if T + max_new_tokens > length:
+            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens do not fit caches of {length} positions")
+        self.slot = self._slot(batch, length)
+        reset_caches(self.slot.caches)
+        chunk = self.prefill_chunk or T
+        with self._autocast():
+            for begin in range(0, T, chunk):
+                logits = self.model(ids[:, begin:begin + chunk], self.slot.caches, last_only=True)[:, -1]
+        self.pos = T
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B] (one per sequence) at the current position; returns the next logits [B, vocab]."""
+        slot = self.slot
+        if slot is None:
+            raise RuntimeError("Decoder.step before Decoder.start")
+        if self.pos >= slot.length:  # the step itself cannot check: it writes where the device says
+            raise ValueError(f"the caches hold {slot.length} positions; start a longer bucket")
+        self.model.prepare_step(slot.caches, self.pos)
+        if slot.graph is not None:
+            slot.tokens.copy_(tokens.view(-1, 1))
+            slot.graph.replay()
+            logits = slot.logits
+        else:
+            with self._autocast():
+                logits = self.model.decode_step(tokens.view(-1, 1), slot.caches)
+        self.pos += 1
+        return logits
+
+    def _slot(self, batch: int, length: int) -> _Slot:
+        key = (batch, length)
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            while len(self._slots) >= self.keep:  # the oldest caches and graph make room
+                self._slots.pop(next(iter(self._slots)))
+            dtype = self.autocast or self.model.embed.weight.dtype
+            slot = _Slot(length, self.model.init_caches(batch, length, self.device, dtype))
+            if self.graphs:
+                self._capture(slot, batch)
+        self._slots[key] = slot  # the most recently used last
+        return slot
+
+    def _capture(self, slot: _Slot, batch: int) -> None:
+        """Capture `model.decode_step` over the slot's caches, after warm-up steps on a side stream (lazy
+        initialisations and library workspaces must not happen during capture), as torch.cuda.graphs asks."""
+        slot.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), self._autocast():
+            for pos in range(2):
+                self.model.prepare_step(slot.caches, pos)
+                self.model.decode_step(slot.tokens, slot.caches)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        reset_caches(slot.caches)
+        slot.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(slot.graph), self._autocast(capturing=True):
+            slot.logits = self.model.decode_step(slot.tokens, slot.caches)
+        reset_caches(slot.caches)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -33,9 +152,10 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_
 @torch.inference_mode()
 def generate_ids(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
                  top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
-                 stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time. The prompt is cut from the left to the model's context when the
-    model has learned positions (the only kind with a hard limit)."""
+                 stop: Callable[[list[int]], bool] | None = None, decoder: Decoder | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time, through `decoder` (default: a `Decoder` of the model, CUDA graphs on
+    CUDA). The prompt is cut from the left to the model's context when the model has learned positions (the
+    only kind with a hard limit)."""
     if not prompt:
         raise ValueError("the prompt is empty")
     cfg = model.config
@@ -44,16 +164,16 @@ def generate_ids(model, prompt: list[int], max_new_tokens: int, temperature: flo
         max_new_tokens = min(max_new_tokens, cfg.context - len(prompt))
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    caches = model.init_caches(1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt], device=device), caches, last_only=True)[:, -1]
+    decoder = decoder or Decoder(model)
+    logits = decoder.start(torch.tensor([prompt], device=device), max_new_tokens)
     produced: list[int] = []
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)
         produced.append(int(token))
         yield int(token)
-        if stop is not None and stop(produced):
+        if (stop is not None and stop(produced)) or i == max_new_tokens - 1:
             return
-        logits = model(token.view(1, 1), caches)[:, -1]
+        logits = decoder.step(token)
 
 
 def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:

@@ -58,8 +58,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp != "none" else None
         self.mlp = MLP(cfg) if cfg.mlp != "none" else None
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x), cache)
+    def forward(self, x: torch.Tensor, cache=None, step: bool = False) -> torch.Tensor:
+        x = x + (self.mixer.step if step else self.mixer)(self.norm1(x), cache)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
         return x
@@ -105,7 +105,7 @@ class LanguageModel(nn.Module):
         `next_token_loss`). The loss goes through forward so that DDP and FSDP wrappers see the call."""
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            start = 0 if caches is None else _cache_pos(caches)
+            start = 0 if caches is None else int(caches[0]["pos"])
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
             x = x + self.pos_embed(positions)
         recompute = self.checkpoint_blocks and caches is None and torch.is_grad_enabled()
@@ -119,21 +119,43 @@ class LanguageModel(nn.Module):
             return next_token_loss(h, self.head.weight, targets, reduction)
         return self.head(h[:, -1:] if last_only else h)
 
-    def init_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list:
-        """One cache per layer for cached decoding: pass it to forward() chunk after chunk."""
+    def init_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[dict]:
+        """One static cache per layer for up to `max_len` positions (tensors allocated here, once, the position
+        a device tensor): pass it to forward() chunk after chunk, or to decode_step() token after token."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         return [block.mixer.init_cache(batch, max_len, device, dtype) for block in self.blocks]
+
+    def decode_step(self, input_ids: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """One token per sequence [B, 1] → next-token logits [B, vocab], at the caches' device-side position:
+        static shapes and no host sync, so a CUDA graph can capture it (`generate.Decoder`). Call
+        `prepare_step(caches, pos)` before each step."""
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(caches[0]["pos"].view(1))
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block(x, cache, step=True)
+        return self.head(self.norm(x))[:, -1]
+
+    def prepare_step(self, caches: list[dict], pos: int) -> None:
+        """Host-side work of the mixers that have some before the step at position `pos` (MHF folds a finished
+        block), run outside any CUDA graph."""
+        for block, cache in zip(self.blocks, caches, strict=True):
+            if hasattr(block.mixer, "prepare_step"):
+                block.mixer.prepare_step(cache, pos)
+
+
+def reset_caches(caches: list[dict]) -> None:
+    """Empty the caches in place (position 0), keeping their storage: a captured step stays valid."""
+    for cache in caches:
+        for tensor in cache.values():
+            tensor.zero_()
 
 
 def set_activation_checkpointing(model: LanguageModel, mode: str) -> None:
     """train.activation_checkpointing: none | block (each block's activations recomputed in the backward:
     memory per block falls to its input, for about one more forward of compute)."""
     model.checkpoint_blocks = mode == "block"
-
-
-def _cache_pos(caches: list) -> int:
-    return caches[0]["pos"] if isinstance(caches[0], dict) and "pos" in caches[0] else 0
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:

@@ -10,7 +10,9 @@ poisons the CUDA context) ends the device work of the process: the remaining poi
 Modes, at each length L:
   train    forward + loss + backward at a fixed token budget per step (batch = tokens // L, at least 1)
   prefill  forward only, under inference_mode, at the same budget
-  decode   batch 1: prefill L tokens with the parallel path, then time `decode_tokens` cached one-token steps
+  decode   prefill L tokens with the parallel path, then time `decode_tokens` one-token steps over static caches
+           (`generate.Decoder`), for each decoding path (eager; graph: the step replayed as a CUDA graph) and
+           batch (`decode_batches`, e.g. 1 and 64); a step is one token for each sequence of the batch
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 # On a CPU the GPU sweep's defaults (small models up to L=16384 at 65,536 tokens a step) grew past 22 GB and ran
 # for minutes before the kernel killed them: without options a CPU sweep measures these instead.
 CPU_DEFAULTS = {"size": "demo", "lengths": (256, 512, 1024, 2048), "tokens_per_step": 8192, "repeats": 3}
+DECODE_IMPLS = ("eager", "graph")
 SCHEMA = "caracal-speed/1"
 
 # The bare FFT convolutions the mixer benchmark times against their memory-traffic floor: name → f(v, g) -> y,
@@ -93,6 +96,8 @@ class SpeedSettings:
     # Each model in its own process (the default on CUDA): a library's leaked memory or a poisoned CUDA context
     # (an illegal memory access) then stays with the model that caused it.
     isolate: bool = False
+    decode_impls: list[str] = field(default_factory=lambda: ["eager"])  # and "graph" (CUDA)
+    decode_batches: list[int] = field(default_factory=lambda: [1])
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -104,7 +109,8 @@ class SpeedSettings:
                 "--lengths", ",".join(map(str, self.lengths)), "--tokens-per-step", str(self.tokens_per_step),
                 "--mode", "all" if list(self.modes) == list(MODES) else ",".join(self.modes),
                 "--dtype", self.dtype, "--repeats", str(self.repeats), "--warmup", str(self.warmup),
-                "--decode-tokens", str(self.decode_tokens), "--device", self.device]
+                "--decode-tokens", str(self.decode_tokens), "--decode-impl", ",".join(self.decode_impls),
+                "--decode-batch", ",".join(map(str, self.decode_batches)), "--device", self.device]
         args += ["--compile"] * self.compile + ["--mixers"] * self.mixers
         for override in self.overrides:
             args += ["--set", override]
@@ -135,7 +141,8 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
                    tokens_per_step: int | None = None, mode: str = "train", dtype: str | None = None,
                    compile: bool = False, repeats: int | None = None, warmup: int = 2, device: str = "auto",
                    decode_tokens: int = 32, mixers: bool = False,
-                   overrides: list[str] | tuple[str, ...] = (), isolate: bool | None = None) -> SpeedSettings:
+                   overrides: list[str] | tuple[str, ...] = (), isolate: bool | None = None,
+                   decode_impl: str | None = None, decode_batch: str = "1,64") -> SpeedSettings:
     """Check the command-line options and resolve the defaults that depend on the device (CPU_DEFAULTS on a
     CPU, where a sweep whose largest training step would not fit in the memory available is refused)."""
     device = str(resolve_device(device))
@@ -176,9 +183,23 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPES:
         raise SpeedError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    impls = list(DECODE_IMPLS) if decode_impl == "both" else _split(decode_impl, "--decode-impl") \
+        if decode_impl is not None else ["eager", "graph"] if device.startswith("cuda") else ["eager"]
+    for impl in impls:
+        if impl not in DECODE_IMPLS:
+            raise SpeedError(f"unknown --decode-impl {impl!r} (known: {', '.join(DECODE_IMPLS)}, both)")
+    if "graph" in impls and not device.startswith("cuda"):
+        raise SpeedError(f"--decode-impl graph replays CUDA graphs; the device is {device}")
+    try:
+        batches = [int(item) for item in _split(decode_batch, "--decode-batch")]
+    except ValueError:
+        raise SpeedError(f"--decode-batch must be comma-separated integers, got {decode_batch!r}") from None
+    if any(batch < 1 for batch in batches):
+        raise SpeedError(f"--decode-batch must be positive, got {decode_batch}")
     return SpeedSettings(model_list, size, length_list, tokens_per_step, modes, dtype, compile, repeats, warmup,
                          device, decode_tokens, mixers, list(overrides),
-                         device.startswith("cuda") if isolate is None else isolate)
+                         device.startswith("cuda") if isolate is None else isolate, list(dict.fromkeys(impls)),
+                         list(dict.fromkeys(batches)))
 
 
 def _refuse_what_cannot_fit(size: str, length: int, tokens: int, overrides) -> None:
@@ -395,33 +416,48 @@ def prefill_point(model, runner, length: int, settings: SpeedSettings, device: t
     return {"batch": batch, "tokens": batch * length, "unit": "ms/step", "note": note, **summarize(times)}
 
 
-def decode_point(model, runner, length: int, settings: SpeedSettings, device: torch.device) -> dict[str, Any]:
-    """Batch 1: prefill a context of `length` tokens (untimed), then time `decode_tokens` greedy one-token
-    steps through the per-layer caches; the figures are per token."""
+def decode_point(model, runner, length: int, settings: SpeedSettings, device: torch.device, impl: str = "eager",
+                 batch: int = 1) -> dict[str, Any]:
+    """Prefill `batch` contexts of `length` tokens (untimed), then time `decode_tokens` greedy steps of one token
+    per sequence through a `generate.Decoder` with caches of exactly length + decode_tokens positions: its eager
+    step, or (`impl` graph) the same step captured once as a CUDA graph and replayed. The figures are per step;
+    tokens/s counts the batch's tokens. `runner` (a --compile'd model) is not used: the graph is decoding's
+    compiled form."""
+    from caracal_cli.generate import Decoder
+
     lacking = sorted({type(block.mixer).__name__ for block in model.blocks if not hasattr(block.mixer, "init_cache")})
     if lacking:
         return {"status": "unsupported", "reason": f"no cached decoding (init_cache) in {', '.join(lacking)}"}
     steps, dtype = settings.decode_tokens, settings.torch_dtype
-    context = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    context = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    decoder = Decoder(model, graphs=impl == "graph", autocast=dtype, keep=1)
 
     def setup():
-        with torch.inference_mode(), _autocast(device, dtype):
-            caches = model.init_caches(1, length + steps, device=device, dtype=dtype)
-            token = runner(context, caches, last_only=True).argmax(-1)
+        token = decoder.start(context, steps, length=length + steps).argmax(-1)
         if device.type == "cuda":  # the peak is the decoding's (weights, caches, one step), not the prefill's
             torch.cuda.reset_peak_memory_stats(device)
-        return caches, token
+        return token
 
-    def run(state):
-        caches, token = state
-        with torch.inference_mode(), _autocast(device, dtype):
-            for _ in range(steps):
-                token = runner(token, caches)[:, -1:].argmax(-1)
+    def run(token):
+        for _ in range(steps):
+            token = decoder.step(token).argmax(-1)
 
     totals = time_runs(run, setup, settings.repeats, settings.warmup, device)
-    per_token = [t / steps for t in totals]
-    return {"batch": 1, "tokens": 1, "context": length, "decode_tokens": steps, "unit": "ms/token",
-            "note": None, "cache_dtype": settings.dtype, **summarize(per_token)}
+    per_step = [t / steps for t in totals]
+    return {"batch": batch, "tokens": batch, "context": length, "decode_tokens": steps, "unit": "ms/step",
+            "note": None, "cache_dtype": settings.dtype, **summarize(per_step)}
+
+
+def point_variants(mode: str, settings: SpeedSettings) -> list[dict[str, Any]]:
+    """The points measured at each length of a mode: one for train and prefill; one per decoding path and batch."""
+    if mode != "decode":
+        return [{}]
+    return [{"impl": impl, "batch": batch} for impl in settings.decode_impls for batch in settings.decode_batches]
+
+
+def variant(entry: dict) -> str | None:
+    """A decode point's path and batch ("graph ×64"); None for train and prefill (and older reports' decode)."""
+    return f"{entry['impl']} ×{entry['batch']}" if entry["mode"] == "decode" and "impl" in entry else None
 
 
 # One function per mode: (model, runner, length, settings, device) -> figures. Tests replace entries here.
@@ -433,10 +469,11 @@ POINTS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def measure_point(mode: str, model, runner, length: int, settings: SpeedSettings,
-                  device: torch.device) -> dict[str, Any]:
-    """One (mode, length) point of a model, with its peak memory, guarded against OOM and errors."""
+                  device: torch.device, **variant: Any) -> dict[str, Any]:
+    """One (mode, length) point of a model (a decode point: per `variant`'s impl and batch), with its peak
+    memory, guarded against OOM and errors."""
     model.zero_grad(set_to_none=True)  # a failed train step may have left gradients behind
-    return _measured(functools.partial(POINTS[mode], model, runner, length, settings, device), device)
+    return _measured(functools.partial(POINTS[mode], model, runner, length, settings, device, **variant), device)
 
 
 def _measured(point: Callable[[], dict], device: torch.device) -> dict[str, Any]:
@@ -515,21 +552,20 @@ def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None 
         runner = model
         if model is not None and settings.compile:
             runner = torch.compile(model)
-        for mode in settings.modes:
-            for length in settings.lengths:
-                if model is None:
-                    figures = {"status": info["status"], "reason": info["reason"]}
-                else:
-                    figures = sweep(f"{name} {mode} L={length}", functools.partial(
-                        measure_point, mode, model, runner, length, settings, device))
-                    _flag_held_memory(figures, info.get("weights_mem_bytes"))
-                entry = {"model": name, "preset": info["preset"], "mode": mode, "length": length,
-                         "reason": None, **figures}
-                report["results"].append(entry)
-                if progress:
-                    progress(entry)
-                if model_done:  # after every point: a sweep stopped midway keeps what it measured
-                    model_done(report)
+        for mode, extra, length in _points(settings):
+            if model is None:
+                figures = {"status": info["status"], "reason": info["reason"]}
+            else:
+                figures = sweep(f"{name} {mode} L={length}", functools.partial(
+                    measure_point, mode, model, runner, length, settings, device, **extra))
+                _flag_held_memory(figures, info.get("weights_mem_bytes"))
+            entry = {"model": name, "preset": info["preset"], "mode": mode, "length": length, **extra,
+                     "reason": None, **figures}
+            report["results"].append(entry)
+            if progress:
+                progress(entry)
+            if model_done:  # after every point: a sweep stopped midway keeps what it measured
+                model_done(report)
         del model, runner
         sweep(name, lambda: guarded(dict, device))  # frees the model, and notices a device that failed
         if model_done:
@@ -537,6 +573,12 @@ def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None 
     report["ratios"] = speed_ratios(report["results"])
     report["device_lost"] = sweep.lost
     return report
+
+
+def _points(settings: SpeedSettings):
+    """(mode, decode variant, length) of every point a model is measured at, in report order."""
+    return [(mode, extra, length) for mode in settings.modes for extra in point_variants(mode, settings)
+            for length in settings.lengths]
 
 
 def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dict], None] | None,
@@ -563,7 +605,7 @@ def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dic
             reason = f"the {name} process ended with exit code {code}: {last.strip()}"[:300]
             report["models"][name] = {"preset": preset_name(name, settings.size), "status": "error", "reason": reason}
             entries = [{"model": name, "preset": preset_name(name, settings.size), "mode": mode, "length": length,
-                        "status": "error", "reason": reason} for mode in settings.modes for length in settings.lengths]
+                        **extra, "status": "error", "reason": reason} for mode, extra, length in _points(settings)]
         else:
             report["models"][name] = sub["models"][name]
             entries = sub["results"]
@@ -580,12 +622,18 @@ def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dic
     return report
 
 
+def point_key(entry: dict) -> tuple:
+    """What a point measures: model, mode, decode variant and length (a merge keeps one point per key)."""
+    return entry["model"], entry["mode"], variant(entry), entry["length"]
+
+
 def speed_ratios(results: list[dict], numerator: str = "caracal", denominator: str = "llama") -> list[dict]:
-    """Caracal's tokens/s over Llama's at each mode and length where both were measured."""
-    ok = {(r["model"], r["mode"], r["length"]): r["tokens_per_s"] for r in results if r["status"] == "ok"}
-    return [{"mode": mode, "length": length, f"{numerator}_over_{denominator}": speed / ok[(denominator, mode, length)]}
-            for (model, mode, length), speed in ok.items()
-            if model == numerator and (denominator, mode, length) in ok]
+    """Caracal's tokens/s over Llama's at each mode (and decode variant) and length where both were measured."""
+    ok = {point_key(r): r["tokens_per_s"] for r in results if r["status"] == "ok"}
+    return [{"mode": mode, "variant": which, "length": length,
+             f"{numerator}_over_{denominator}": speed / ok[(denominator, mode, which, length)]}
+            for (model, mode, which, length), speed in ok.items()
+            if model == numerator and (denominator, mode, which, length) in ok]
 
 
 # What must agree between runs for their points to share one table: the machine and what each point measures.
@@ -634,10 +682,11 @@ def merge_reports(named: list[tuple[str, dict]]) -> dict[str, Any]:
     for _, report in named:
         models.update(report["models"])
         for entry in report["results"]:
-            points[(entry["model"], entry["mode"], entry["length"])] = entry
+            points[point_key(entry)] = entry
     order = list(models)
     modes = [m for m in ("train", "prefill", "decode") if any(k[1] == m for k in points)]
-    results = sorted(points.values(), key=lambda e: (order.index(e["model"]), modes.index(e["mode"]), e["length"]))
+    results = sorted(points.values(), key=lambda e: (order.index(e["model"]), modes.index(e["mode"]),
+                                                     variant(e) or "", e["length"]))
     settings = {**first["settings"], "models": order, "modes": modes,
                 "lengths": sorted({e["length"] for e in results})}
     lost = [r["device_lost"] for _, r in named if r.get("device_lost")]
@@ -808,6 +857,10 @@ def _status_text(entry: dict) -> str:
     return f"{entry['status']}: {reason}"[:90]
 
 
+def _label(entry: dict) -> str:
+    return entry["model"] if variant(entry) is None else f"{entry['model']} {variant(entry)}"
+
+
 def speed_tables(report: dict):
     """Rich tables of a report: one per mode (models) or one for the mixers."""
     from rich.table import Table
@@ -830,13 +883,13 @@ def speed_tables(report: dict):
                           "" if floor is None else f"{floor:.3g}", "" if floor is None else f"{e['over_floor']:.1f}",
                           e.get("note") or "")
         return [table]
-    ratios = {(r["mode"], r["length"]): r["caracal_over_llama"] for r in report["ratios"]}
+    ratios = {(r["mode"], r.get("variant"), r["length"]): r["caracal_over_llama"] for r in report["ratios"]}
     tables = []
     for mode in settings["modes"]:
-        unit = "ms/token" if mode == "decode" else "ms/step"
         table = Table(title=f"{mode} — {where}, size {settings['size']}"
-                            + (", torch.compile" if settings["compile"] else ""))
-        for col in ("model", "L", "batch", unit, "min–max", "tokens/s", "peak mem", "caracal/llama", "note"):
+                            + (", torch.compile" if settings["compile"] and mode != "decode" else "")
+                            + ("; a step is one token per sequence" if mode == "decode" else ""))
+        for col in ("model", "L", "batch", "ms/step", "min–max", "tokens/s", "peak mem", "caracal/llama", "note"):
             table.add_column(col, justify="left" if col in ("model", "note") else "right")
         unbuilt = set()
         for e in (e for e in report["results"] if e["mode"] == mode):
@@ -846,10 +899,10 @@ def speed_tables(report: dict):
                         unbuilt.add(e["model"])
                         table.add_row(e["model"], "all", *[""] * 6, _status_text(e))
                     continue
-                table.add_row(e["model"], str(e["length"]), *[""] * 6, _status_text(e))
+                table.add_row(_label(e), str(e["length"]), *[""] * 6, _status_text(e))
                 continue
-            ratio = ratios.get((mode, e["length"])) if e["model"] == "caracal" else None
-            table.add_row(e["model"], str(e["length"]), str(e["batch"]), _ms(e["median_ms"]), _spread(e),
+            ratio = ratios.get((mode, variant(e), e["length"])) if e["model"] == "caracal" else None
+            table.add_row(_label(e), str(e["length"]), str(e["batch"]), _ms(e["median_ms"]), _spread(e),
                           _si(e["tokens_per_s"]), _mem(e["peak_mem_bytes"]), "" if ratio is None else f"{ratio:.2f}",
                           e.get("note") or "")
         tables.append(table)
@@ -867,7 +920,7 @@ def plot_report(report: dict, path: Path) -> None:
     if report["kind"] == "mixers":
         groups = {"mixers alone": [(f"{e['name']} ({e['pass']})", e) for e in report["results"]]}
     else:
-        groups = {mode: [(e["model"], e) for e in report["results"] if e["mode"] == mode]
+        groups = {mode: [(_label(e), e) for e in report["results"] if e["mode"] == mode]
                   for mode in report["settings"]["modes"]}
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
     for (title, labelled), (ax_speed, ax_mem) in zip(groups.items(), axes, strict=True):
@@ -900,7 +953,7 @@ def plot_report(report: dict, path: Path) -> None:
     settings = report["settings"]
     fig.suptitle(f"caracal speed — {env['device_name']}, {settings['dtype']}, size {settings['size']}"
                  + (", torch.compile" if settings["compile"] else "")
-                 + ("; decode: batch 1, per-token rate" if "decode" in groups else ""), fontsize=10)
+                 + ("; decode: tokens/s over the batch" if "decode" in groups else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -9,6 +9,8 @@
 #                                           # paths), swh
 #   bash scripts/gpu_acceptance.sh speed-ssm  # the same for mamba, mamba2 and jamba (mamba_ssm's Triton kernels
 #                                           # autotune at every new shape: Mamba-2 takes ~4 minutes)
+#   MODELS="llama caracal swh" bash scripts/gpu_acceptance.sh decode   # the CUDA-graph decoding tests, then
+#                                           # decode points (eager and graph, batch 1 and 64) per model, merged
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
 #   bash scripts/gpu_acceptance.sh mfu      # profiles of llama-tiny and tiny at micro-batch 32/64, compile modes
 #   bash scripts/gpu_acceptance.sh trainer-mfu  # caracal train's own wall-clock MFU, llama-tiny and tiny, the
@@ -23,7 +25,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|train|mfu|trainer-mfu|loss|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|train|mfu|trainer-mfu|loss|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -80,7 +82,7 @@ compare)
     ;;
 speed|speed-ssm)
     # One run per model, each with its own limit; a run stopped at its limit keeps the models it finished.
-    S=(speed --size small --mode all --repeats 3 --warmup 1 --decode-tokens 16)
+    S=(speed --size small --mode all --repeats 3 --warmup 1 --decode-tokens 16 --decode-batch 1)
     if [ "$part" = speed ]; then
         runs=("llama 140" "caracal 190" "swh 130")  # caracal: its kernels compile per length first
         step speed_caracal_torchfft 130 "${CARACAL[@]}" "${S[@]}" --models caracal \
@@ -95,6 +97,23 @@ speed|speed-ssm)
     for f in "$WORK"/speed_*/speed.json; do cp "$f" "$WORK/$(basename "$(dirname "$f")").json"; done
     collect "$WORK"/speed_*.json "$WORK/status.log"
     cat "$WORK/status.log"
+    ;;
+decode)
+    # Issue 22: every family's graph path against its eager step and the full forward, then the decode table of
+    # each model in MODELS (contexts LENGTHS, eager and graph, batch 1 and 64), merged into one report.
+    step gputests_decode 300 python3 -m pytest -v -rs -p no:cacheprovider -m gpu tests/gpu/test_decode_graphs.py
+    merged=()
+    for model in ${MODELS:-llama caracal swh}; do
+        step "decode_$model" "${LIMIT:-200}" "${CARACAL[@]}" speed --size small --mode decode --models "$model" \
+            --lengths "${LENGTHS:-512,1024,2048,4096,8192,16384}" --decode-impl both --decode-batch 1,64 \
+            --repeats 3 --warmup 1 --decode-tokens 32 --out "$WORK/decode_$model"
+        [ -f "$WORK/decode_$model/speed.json" ] && merged+=(--merge "$WORK/decode_$model/speed.json")
+    done
+    [ ${#merged[@]} -gt 0 ] && step decode_merged 60 "${CARACAL[@]}" speed "${merged[@]}" --out "$WORK/decode"
+    cp "$WORK/decode/speed.json" "$WORK/decode.json" 2>/dev/null
+    collect "$WORK"/{gputests_decode,decode_merged,status}.log "$WORK/decode.json"
+    grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$WORK/gputests_decode.log" | tail -n 20
+    cat "$WORK/decode_merged.log"
     ;;
 train)
     step train_compare 420 env TOKENS=${TOKENS:-26214400} RUNS=/tmp/compare bash scripts/gpu_train_compare.sh

@@ -20,8 +20,8 @@ MIXER_EXAMPLES: dict[str, list[dict]] = {
     "mhf": [
         {"kind": "mhf"},
         {"kind": "mhf", "gate": "linear"},
-        {"kind": "mhf", "pre_conv": False, "value_from": "x_norm", "scale": "mean"},
-        {"kind": "mhf", "gate_kernel": 1, "scale": "none"},
+        {"kind": "mhf", "pre_conv": False, "value_from": "x_norm", "scale": "mean", "decode_block": 3},
+        {"kind": "mhf", "gate_kernel": 1, "scale": "none", "decode_block": 4},
     ],
     "attention": [
         {"kind": "attention"},

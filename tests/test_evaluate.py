@@ -204,7 +204,8 @@ def test_generate_until_stops_at_a_stop_sequence_and_equals_full_forward_greedy(
     stop = free[0][len(free[0]) // 2:len(free[0]) // 2 + 2]  # a piece of the middle of the first text
     assert stop and free[0].find(stop) > 0
     calls = []
-    handle = lm.model.register_forward_hook(lambda *args: calls.append(1))
+    step = lm.model.decode_step
+    lm.model.decode_step = lambda *args: calls.append(1) or step(*args)
     try:
         texts = lm.generate_until(requests("generate_until", [
             (prompts[0], {"until": [stop], "max_gen_toks": 12}),
@@ -212,13 +213,13 @@ def test_generate_until_stops_at_a_stop_sequence_and_equals_full_forward_greedy(
             (prompts[2], {"until": "\n\n", "max_gen_toks": 5}),
         ]), disable_tqdm=True)
     finally:
-        handle.remove()
+        del lm.model.decode_step
     cut = lambda text: text.split(tok.decode([tok.eot_id]))[0]  # noqa: E731 (greedy decoding stops at EOT)
     assert texts[0] == cut(free[0]).split(stop)[0]
     assert texts[1] == cut(free[1])
     assert texts[2] == cut(tok.decode(greedy_by_full_forwards(lm.model, tok.encode(prompts[2]), 5))).split("\n\n")[0]
     assert all(type(t) is str for t in texts)
-    assert len(calls) < 12 + 12 + 5  # the first request stopped early (cached steps, one forward per token)
+    assert 0 < len(calls) < 11 + 11 + 4  # the first request stopped early (cached steps, one per token after the first)
 
 
 def test_batching_and_sorting_keep_request_order(run_dir, lm):

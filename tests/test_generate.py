@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from caracal_cli.checkpoint import model_state, save_checkpoint, save_run_config
 from caracal_cli.cli import app
 from caracal_cli.config import list_presets, load_preset
-from caracal_cli.generate import filter_logits, generate_ids
+from caracal_cli.generate import Decoder, bucket_length, filter_logits, generate_ids
 from caracal_cli.model import build_model
 from caracal_cli.tokenizer import train_bpe
 
@@ -15,15 +15,49 @@ DEMO_PRESETS = [name for name in list_presets() if name.endswith("demo")]
 
 
 @pytest.mark.parametrize("preset", DEMO_PRESETS)
-def test_cached_decoding_equals_full_forward_for_every_family(preset):
-    config = load_preset(preset, ["model.vocab_size=101"]).model
-    model = build_model(config).eval()
-    ids = torch.randint(0, 101, (2, 40))
-    with torch.no_grad():
-        full = model(ids)
-        caches = model.init_caches(2, 40)
-        steps = [model(ids[:, :7], caches)] + [model(ids[:, t:t + 1], caches) for t in range(7, 40)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+def test_static_cache_decoding_equals_full_forward_for_every_family(preset):
+    """Through the Decoder's eager step, the function a CUDA graph captures: prompts prefilled whole or in chunks,
+    in two length buckets (a bucket's caches are reused, emptied in place); every position's logits equal the
+    full forward's. Caracal decodes in MHF blocks of 4 here, so finished blocks are folded many times."""
+    overrides = ["model.vocab_size=101"] + ["model.mixers.F.decode_block=4"] * (preset == "demo")
+    model = build_model(load_preset(preset, overrides).model).eval()
+    decoder = Decoder(model, graphs=False)
+    for total, prompt, chunk, length in ((20, 7, None, None), (20, 10, 3, 32), (10, 3, 2, None)):
+        ids = torch.randint(0, 101, (2, total))
+        decoder.prefill_chunk = chunk
+        logits = [decoder.start(ids[:, :prompt], total - prompt, length)]
+        logits += [decoder.step(ids[:, t]) for t in range(prompt, total - 1)]
+        with torch.no_grad():
+            full = model(ids)[:, prompt - 1:total - 1]
+        torch.testing.assert_close(torch.stack(logits, 1), full, rtol=1e-4, atol=1e-4)
+    assert sorted(decoder._slots) == [(2, 32), (2, 64)]  # (batch, length): the first and third share one
+
+
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_decode_step_reads_nothing_back_to_the_host(preset):
+    """What a CUDA graph asks of the step: no value read back (.item(), int(), a branch on a tensor). Tensors on
+    the meta device hold no values, so any such read raises there."""
+    overrides = ["model.pos_emb=learned"] * (preset == "llama-demo")  # the position embedding's lookup too
+    with torch.device("meta"):
+        model = build_model(load_preset(preset, overrides).model).eval()
+    caches = model.init_caches(2, 64, device="meta")
+    with torch.inference_mode():
+        logits = model.decode_step(torch.zeros(2, 1, dtype=torch.long, device="meta"), caches)
+    assert logits.shape == (2, model.config.vocab_size)
+
+
+def test_buckets_and_decoder_errors():
+    assert [bucket_length(n) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
+    model = build_model(load_preset("demo", ["model.vocab_size=101"]).model).eval()
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Decoder(model, graphs=True)
+    decoder = Decoder(model)
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.start(torch.zeros(1, 60, dtype=torch.long), 10, length=64)
+    decoder.start(torch.zeros(1, 63, dtype=torch.long), 1, length=64)
+    decoder.step(torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="hold 64 positions"):
+        decoder.step(torch.zeros(1, dtype=torch.long))
 
 
 def test_top_k_and_top_p_filters():

@@ -7,6 +7,7 @@ import torch
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.attention import Attention, apply_rope, attention_path, rope_tables
 from caracal_cli.mixers.mhf import CausalConv1d, causal_fft_conv
+from caracal_cli.model import reset_caches
 from conftest import MIXER_EXAMPLES, all_mixer_examples, small_model_config
 
 EXAMPLES = all_mixer_examples()
@@ -66,6 +67,37 @@ def test_cached_decoding_equals_full_forward(raw, prefill, chunk):
     cache = mixer.init_cache(2, 14, dtype=torch.float64)
     steps = [mixer(x[:, :prefill], cache)] + [mixer(x[:, t:t + chunk], cache) for t in range(prefill, 14, chunk)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("raw", RAWS, ids=IDS)
+def test_static_step_equals_full_forward_and_the_cache_restarts(raw):
+    """The graph-safe path: a prefill of 5, then prepare_step + step per token in caches longer than needed (a
+    bucket: unused slots must stay masked); the same caches, emptied in place, then serve another sequence."""
+    mixer = make(raw, pos_emb="rope")
+    cache = mixer.init_cache(2, 32, dtype=torch.float64)
+    for length in (14, 11):
+        x = torch.randn(2, length, 32, dtype=torch.float64)
+        reset_caches([cache])
+        steps = [mixer(x[:, :5], cache)]
+        for t in range(5, length):
+            if hasattr(mixer, "prepare_step"):
+                mixer.prepare_step(cache, t)
+            steps.append(mixer.step(x[:, t:t + 1], cache))
+        torch.testing.assert_close(torch.cat(steps, 1), mixer(x), rtol=1e-10, atol=1e-10)
+        assert int(cache["pos"]) == length and all(isinstance(v, torch.Tensor) for v in cache.values())
+
+
+def test_mhf_step_reads_only_the_first_and_the_current_block():
+    """MHF's blocked decoding: once the finished blocks are folded, a step in block [c, c+S) reads the history
+    only at [0, S) and [c, t], so its work does not grow with t. NaN between them leaves the outputs exact."""
+    mixer = make({"kind": "mhf", "decode_block": 4})
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    cache = mixer.init_cache(2, 16, dtype=torch.float64)
+    steps = [mixer(x[:, :12], cache)]  # ends on a block boundary: the step's preparation folds [0, 12)
+    mixer.prepare_step(cache, 12)
+    cache["v"][:, 4:12] = cache["g"][:, 4:12] = float("nan")
+    steps += [mixer.step(x[:, t:t + 1], cache) for t in range(12, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), mixer(x), rtol=1e-10, atol=1e-10)
 
 
 def direct_causal_conv(v, g):

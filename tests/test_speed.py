@@ -40,7 +40,8 @@ def _check_entry(entry: dict, repeats: int) -> None:
 
 def test_speed_all_modes_writes_json_and_png(tmp_path):
     args = ["speed", "--size", "demo", "--lengths", "64,128", "--tokens-per-step", "256", "--repeats", "2",
-            "--warmup", "1", "--models", "caracal,llama", "--mode", "all", "--out", str(tmp_path)]
+            "--warmup", "1", "--models", "caracal,llama", "--mode", "all", "--decode-batch", "1,3",
+            "--decode-tokens", "4", "--out", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert all(f"{mode} —" in result.output for mode in speed.MODES)  # a table per mode
@@ -50,17 +51,22 @@ def test_speed_all_modes_writes_json_and_png(tmp_path):
     assert set(report["environment"]) >= ENVIRONMENT_KEYS
     assert report["environment"]["device"] == "cpu" and report["settings"]["dtype"] == "fp32"
     assert report["command"].startswith("caracal speed --models caracal,llama --size demo")
-    points = {(e["model"], e["mode"], e["length"]) for e in report["results"]}
-    assert points == {(m, mode, n) for m in ("caracal", "llama") for mode in speed.MODES for n in (64, 128)}
+    points = {speed.point_key(e) for e in report["results"]}
+    variants = {"train": [None], "prefill": [None], "decode": ["eager ×1", "eager ×3"]}  # no graphs on a CPU
+    assert points == {(m, mode, v, n) for m in ("caracal", "llama") for mode in speed.MODES for v in variants[mode]
+                      for n in (64, 128)}
     assert len(report["results"]) == len(points)
     for entry in report["results"]:
         _check_entry(entry, repeats=2)
         assert entry["status"] == "ok", entry  # both models run every mode on CPU
     decode = [e for e in report["results"] if e["mode"] == "decode"]
-    assert all(e["unit"] == "ms/token" and e["batch"] == 1 and e["context"] == e["length"] for e in decode)
+    assert all(e["unit"] == "ms/step" and e["tokens"] == e["batch"] and e["context"] == e["length"] for e in decode)
+    assert sorted({speed._label(e) for e in decode}) == ["caracal eager ×1", "caracal eager ×3", "llama eager ×1",
+                                                         "llama eager ×3"]
     assert report["models"]["caracal"]["paths"]["MHF"].startswith("torch.fft")
     assert report["models"]["llama"]["paths"] == {"Attention": "sdpa", "loss": "pytorch"}
-    assert {(r["mode"], r["length"]) for r in report["ratios"]} == {(m, n) for m in speed.MODES for n in (64, 128)}
+    assert {(r["mode"], r["variant"], r["length"]) for r in report["ratios"]} == \
+        {(m, v, n) for m in speed.MODES for v in variants[m] for n in (64, 128)}
     assert (tmp_path / "speed.png").read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
 
@@ -207,6 +213,9 @@ def test_token_budget_and_summary():
         (["--dtype", "fp8"], "unknown dtype 'fp8'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--set", "fft_impl"], "override 'fft_impl' must look like key.path=value"),
+        (["--decode-impl", "jit"], "unknown --decode-impl 'jit'"),
+        (["--decode-batch", "1,x"], "--decode-batch must be comma-separated integers"),
+        (["--device", "cpu", "--decode-impl", "graph"], "--decode-impl graph replays CUDA graphs"),
     ],
 )
 def test_bad_input_is_one_line(args, message):

@@ -2,8 +2,10 @@
 
 Contract (every mixer): ``forward(x: [B, L, D], cache=None) -> [B, L, D]``, causal; a nested ``Config``
 dataclass (with ``kind`` and ``validate(model, where)``) holding its preset keys; ``init_cache(batch, max_len,
-device, dtype)`` returning the per-layer state that cached decoding passes back as ``cache``; and
-``extra_flops(seq_len)``, forward FLOPs per token beyond its weight matmuls.
+device, dtype)`` returning the per-layer state that cached decoding passes back as ``cache``: tensors allocated
+once, the position ``"pos"`` a device tensor; ``step(x: [B, 1, D], cache)``, one decoding token with static
+shapes and no host sync (a CUDA graph captures it), after the optional host-side ``prepare_step(cache, pos)``;
+and ``extra_flops(seq_len)``, forward FLOPs per token beyond its weight matmuls.
 """
 
 from __future__ import annotations

@@ -50,11 +50,21 @@ class Rotary(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + q.shape[2]
-        if end > self.cos.shape[0] or self.cos.dtype not in (torch.float32, torch.float64):  # or cast to 16 bits
-            self._build(max(end, 2 * self.cos.shape[0]), q.device)
-        cos, sin = self.cos[start:end], self.sin[start:end]
+    def reserve(self, length: int, device=None) -> None:
+        """Tables for at least `length` positions, in float32 or float64 (a 16-bit cast of the model rebuilds
+        them): done before a decoding step is captured, which cannot grow them."""
+        if length > self.cos.shape[0] or self.cos.dtype not in (torch.float32, torch.float64):
+            self._build(max(length, 2 * self.cos.shape[0]), device if device is not None else self.cos.device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor,
+                start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q, k [B, H, L, dh] at positions start…start+L−1; a tensor `start` (a decoding step's position,
+        L = 1) indexes the tables on the device, with no host sync."""
+        if isinstance(start, torch.Tensor):
+            cos, sin = self.cos[start.view(1)], self.sin[start.view(1)]
+        else:
+            self.reserve(start + q.shape[2], q.device)
+            cos, sin = self.cos[start:start + q.shape[2]], self.sin[start:start + q.shape[2]]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
@@ -127,57 +137,72 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, L, D = x.shape
+        if cache is not None and L == 1:
+            return self.step(x, cache)
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # 3×[B, H, L, dh]
-        start = 0 if cache is None else cache["pos"]
+        start = 0 if cache is None else int(cache["pos"])
         if self.rotary is not None:
             q, k = self.rotary(q, k, start)
+        y = self._attend(q, k, v) if start == 0 else self._attend_cached(q, k, v, cache, start)
         if cache is not None:
-            y = self._attend_cached(q, k, v, cache)
-        elif self.window is None or self.window >= L:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif attention_path(x.device, self.window, L) == "flex_attention":
-            y = _compiled_flex()(q, k, v, block_mask=_sliding_block_mask(L, self.window, str(x.device)))
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(L, L, self.window, x.device))
+            self._remember(k, v, cache, start)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
-    # --- cached decoding: a KV cache; for a window, a ring of the last `window` keys and values ----------
+    def _attend(self, q, k, v) -> torch.Tensor:
+        """The whole-sequence path (training, and a prefill from position 0)."""
+        L = q.shape[2]
+        if self.window is None or self.window >= L:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if attention_path(q.device, self.window, L) == "flex_attention":
+            return _compiled_flex()(q, k, v, block_mask=_sliding_block_mask(L, self.window, str(q.device)))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(L, L, self.window, q.device))
+
+    # --- cached decoding: a static KV cache; for a window, a ring of the last `window` keys and values ------
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
+        """Preallocated for `max_len` positions (the ring for min(max_len, window)); "pos" is a device tensor,
+        so one captured `step` serves every position."""
         size = max_len if self.window is None else min(max_len, self.window)
         shape = (batch, self.n_head, size, self.d_head)
-        return {"pos": 0, "k": torch.zeros(shape, device=device, dtype=dtype),
-                "v": torch.zeros(shape, device=device, dtype=dtype)}
+        if self.rotary is not None:
+            self.rotary.reserve(max_len, device)
+        zeros = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+        return {"pos": torch.zeros((), dtype=torch.long, device=device), "k": zeros(), "v": zeros()}
 
-    def _attend_cached(self, q, k, v, cache: dict) -> torch.Tensor:
-        start, T, size = cache["pos"], q.shape[2], cache["k"].shape[2]
-        if self.window is None and start + T > size:
-            raise ValueError(f"attention cache holds {size} positions; asked for {start + T}")
-        if start + T <= size or (T == 1 and size == self.window):
-            # The fast cases, in place and without copying the cache (decoding is bound by its op count):
-            # nothing has left the cache yet, so it is in time order and every held key is within the window; or
-            # one new token in a full ring of `window` slots, which then holds exactly the keys it may see, in
-            # an order that attention does not depend on (RoPE is applied before caching).
-            slots = slice(start, start + T) if start + T <= size else slice(start % size, start % size + 1)
-            cache["k"][:, :, slots] = k
-            cache["v"][:, :, slots] = v
-            cache["pos"] = start + T
-            seen = min(start + T, size)
-            mask = None if T == 1 else band_mask(T, seen, self.window, q.device)
-            return F.scaled_dot_product_attention(q, cache["k"][:, :, :seen], cache["v"][:, :, :seen],
-                                                  attn_mask=mask)
-        # Keys visible to this chunk: what the cache holds (in time order) followed by the new ones.
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token x [B, 1, D] at position cache["pos"]: written at slot pos (mod the ring), attended over every
+        slot with the unfilled ones masked. Static shapes and no host sync, so a CUDA graph can hold it; a full
+        ring holds exactly the keys the window lets the token see, in an order attention does not depend on."""
+        B, _, D = x.shape
+        pos, size = cache["pos"], cache["k"].shape[2]
+        q, k, v = self.qkv(x).view(B, 1, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, pos)
+        slot = (pos % size).view(1)
+        cache["k"].index_copy_(2, slot, k.to(cache["k"].dtype))
+        cache["v"].index_copy_(2, slot, v.to(cache["v"].dtype))
+        filled = (torch.arange(size, device=x.device) <= pos).view(1, size)  # [1, size]: one query
+        y = F.scaled_dot_product_attention(q, cache["k"].to(q.dtype), cache["v"].to(q.dtype), attn_mask=filled)
+        cache["pos"].add_(1)
+        return self.out(y.transpose(1, 2).reshape(B, 1, D))
+
+    def _attend_cached(self, q, k, v, cache: dict, start: int) -> torch.Tensor:
+        """A chunk after position 0: the keys the cache holds (in time order) followed by the chunk's own."""
+        T, size = q.shape[2], cache["k"].shape[2]
         held = min(start, size)
         order = torch.arange(start - held, start, device=q.device) % size
-        keys = torch.cat([cache["k"][:, :, order], k], dim=2)
-        values = torch.cat([cache["v"][:, :, order], v], dim=2)
-        mask = band_mask(T, held + T, self.window, q.device)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        slots = torch.arange(start, start + T, device=q.device) % size
+        keys = torch.cat([cache["k"][:, :, order].to(k.dtype), k], dim=2)
+        values = torch.cat([cache["v"][:, :, order].to(v.dtype), v], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=band_mask(T, held + T, self.window, q.device))
+
+    def _remember(self, k, v, cache: dict, start: int) -> None:
+        T, size = k.shape[2], cache["k"].shape[2]
+        if self.window is None and start + T > size:
+            raise ValueError(f"attention cache holds {size} positions; asked for {start + T}")
         keep = slice(max(0, T - size), T)  # a chunk longer than the ring keeps only its last `size`
-        cache["k"][:, :, slots[keep]] = k[:, :, keep]
-        cache["v"][:, :, slots[keep]] = v[:, :, keep]
-        cache["pos"] = start + T
-        return y
+        slots = torch.arange(start, start + T, device=k.device)[keep] % size
+        cache["k"][:, :, slots] = k[:, :, keep].to(cache["k"].dtype)
+        cache["v"][:, :, slots] = v[:, :, keep].to(cache["v"].dtype)
+        cache["pos"].fill_(start + T)
 
     def extra_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token of QKᵀ and AV: 4·d per visible key, averaged over positions (a causal

@@ -14,13 +14,16 @@ mamba_ssm imports) run on this module's own parameters; the reference path (CPU,
 mamba_ssm) is plain PyTorch: a scan in chunks of 64 steps inside an autograd Function that keeps the state
 only where each chunk begins and recomputes the rest in backward, like the CUDA kernel, so memory stays
 O(B·L·E + B·(L/64)·E·N) rather than O(B·L·E·N).
-Cached decoding always runs the reference path: the conv state and h carry over from chunk to chunk.
+Cached decoding runs the reference path for a prefill or a chunk (the conv state and h carry over from chunk to
+chunk); a one-token `step`, static in shape so that a CUDA graph can capture it, runs the reference recurrence or,
+on the library path, mamba_ssm's fused `selective_state_update`, as its own `step` does.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +44,7 @@ class MambaBackend:
     mamba2: type | None
     causal_conv1d: bool  # whether the library found causal-conv1d (its fused paths need it)
     reason: str  # "mamba_ssm 2.3.2.post1", or why it is unavailable
+    state_update: Callable | None = None  # its fused one-token step (Triton): selective_state_update
 
     @property
     def available(self) -> bool:
@@ -54,10 +58,11 @@ def mamba_backend() -> MambaBackend:
     try:
         import mamba_ssm
         from mamba_ssm.modules import mamba2, mamba_simple
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     except Exception as err:  # ImportError, or OSError/RuntimeError from the compiled extension
         return MambaBackend(None, None, False, f"mamba_ssm unavailable: {type(err).__name__}: {err}")
     return MambaBackend(mamba_simple.Mamba, mamba2.Mamba2, mamba2.causal_conv1d_fn is not None,
-                        f"mamba_ssm {getattr(mamba_ssm, '__version__', '?')}")
+                        f"mamba_ssm {getattr(mamba_ssm, '__version__', '?')}", selective_state_update)
 
 
 def choose_path(impl: str, device: torch.device) -> str:
@@ -88,7 +93,7 @@ def describe_path(impl: str, device: torch.device, library_detail: str, referenc
     if impl == "library" and device.type != "cuda":
         return f"{backend.reason} (impl: library; a {device.type} input raises)"
     if choose_path(impl, device) == "library":
-        return f"{backend.reason} {library_detail}; decoding: reference step"
+        return f"{backend.reason} {library_detail}; decoding: selective_state_update step, reference prefill"
     why = ("impl: reference" if impl == "reference" else
            backend.reason if not backend.available else "mamba_ssm runs on CUDA only")
     return f"reference {reference_detail} ({why})"
@@ -282,9 +287,12 @@ class Mamba(nn.Module):
             device="meta")
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        if cache is None and choose_path(self.cfg.impl, x.device) == "library":
+        library = choose_path(self.cfg.impl, x.device) == "library"
+        if cache is None and library:
             return run_library(self, self._build_library, x)
         T, N = x.shape[1], self.cfg.d_state
+        if library and T == 1:
+            return self._library_step(x, cache)
         u, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
         u = F.silu(causal_depthwise_conv(u, self.conv1d, None if cache is None else cache["conv"]))
         dt, B, C = self.x_proj(u).split([self.dt_rank, N, N], dim=-1)
@@ -304,13 +312,32 @@ class Mamba(nn.Module):
                     cache["ssm"].copy_(h_last)
             y = (y + u * self.D.to(work)) * F.silu(z)
         if cache is not None:
-            cache["pos"] += T
+            cache["pos"].add_(T)
         return self.out_proj(y.to(x.dtype))
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One decoding token [B, 1, D]: the recurrence's step, static shapes and no host sync (a CUDA graph can
+        hold it)."""
+        return self.forward(x, cache)
+
+    def _library_step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """The step with mamba_ssm's fused kernel for the state update, read-out, D skip and gate (float32
+        inside, on this mixer's own parameters)."""
+        N = self.cfg.d_state
+        u, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # [B, E] each
+        u = F.silu(causal_depthwise_conv(u.unsqueeze(1), self.conv1d, cache["conv"]))[:, 0]
+        dt, B, C = self.x_proj(u).split([self.dt_rank, N, N], dim=-1)
+        y = mamba_backend().state_update(cache["ssm"], u, F.linear(dt, self.dt_proj.weight),
+                                         -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
+                                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        cache["pos"].add_(1)
+        return self.out_proj(y.unsqueeze(1).to(x.dtype))
 
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         E = self.D.shape[0]
         dtype = dtype or torch.float32
-        return {"pos": 0, "conv": torch.zeros(batch, self.cfg.d_conv - 1, E, device=device, dtype=dtype),
+        return {"pos": torch.zeros((), dtype=torch.long, device=device),
+                "conv": torch.zeros(batch, self.cfg.d_conv - 1, E, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch, E, self.cfg.d_state, device=device, dtype=work_dtype(dtype))}
 
     def extra_flops(self, seq_len: int) -> float:

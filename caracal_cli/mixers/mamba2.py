@@ -11,7 +11,8 @@ D = 1 per head, Δ offset log-uniform in [dt_min, dt_max]; the library's default
 does not name: no D per channel, rmsnorm on, norm after the gate, no Δ limit). Paths as in `mamba.py`: the
 library's Triton SSD kernels on CUDA (`use_mem_eff_path` only with causal-conv1d, which it needs), or the
 reference SSD chunked form in PyTorch: quadratic attention-like products inside chunks of `reference_chunk`,
-the recurrence only across chunks. Cached decoding runs the reference path, one recurrence step per token.
+the recurrence only across chunks. Cached decoding runs the reference path for a prefill or a chunk; a one-token
+step runs the reference recurrence or, on the library path, mamba_ssm's fused `selective_state_update`.
 """
 
 from __future__ import annotations
@@ -159,9 +160,12 @@ class Mamba2(nn.Module):
             use_mem_eff_path=mamba_backend().causal_conv1d, device="meta")
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        if cache is None and choose_path(self.cfg.impl, x.device) == "library":
+        library = choose_path(self.cfg.impl, x.device) == "library"
+        if cache is None and library:
             return run_library(self, self._build_library, x)
         Bsz, T, _ = x.shape
+        if library and T == 1:
+            return self._library_step(x, cache)
         H, P, N, G = self.nheads, self.cfg.headdim, self.cfg.d_state, self.cfg.ngroups
         E = H * P
         z, xBC, dt = self.in_proj(x).split([E, E + 2 * G * N, H], dim=-1)
@@ -187,13 +191,38 @@ class Mamba2(nn.Module):
             y = (y + self.D.to(work)[:, None] * xs).reshape(Bsz, T, E)
             y = self.norm(y, z)
         if cache is not None:
-            cache["pos"] += T
+            cache["pos"].add_(T)
+        return self.out_proj(y.to(x.dtype))
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One decoding token [B, 1, D]: one recurrence step, static shapes and no host sync (a CUDA graph can
+        hold it)."""
+        return self.forward(x, cache)
+
+    def _library_step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """The step with mamba_ssm's fused `selective_state_update` (per-head scalars broadcast over headdim
+        with stride 0, as its own Mamba2.step passes them), then the gated norm."""
+        Bsz = x.shape[0]
+        H, P, N, G = self.nheads, self.cfg.headdim, self.cfg.d_state, self.cfg.ngroups
+        E = H * P
+        z, xBC, dt = self.in_proj(x[:, 0]).split([E, E + 2 * G * N, H], dim=-1)
+        xBC = F.silu(causal_depthwise_conv(xBC.unsqueeze(1), self.conv1d, cache["conv"]))[:, 0]
+        xs, B, C = xBC.split([E, G * N, G * N], dim=-1)
+        y = mamba_backend().state_update(
+            cache["ssm"], xs.reshape(Bsz, H, P), dt.unsqueeze(-1).expand(Bsz, H, P),
+            (-torch.exp(self.A_log.float()))[:, None, None].expand(H, P, N), B.reshape(Bsz, G, N),
+            C.reshape(Bsz, G, N), self.D[:, None].expand(H, P), dt_bias=self.dt_bias[:, None].expand(H, P),
+            dt_softplus=True)
+        with autocast_off(x.device):
+            y = self.norm(y.reshape(Bsz, 1, E), z.unsqueeze(1))
+        cache["pos"].add_(1)
         return self.out_proj(y.to(x.dtype))
 
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         dtype = dtype or torch.float32
         channels = self.conv1d.in_channels
-        return {"pos": 0, "conv": torch.zeros(batch, self.cfg.d_conv - 1, channels, device=device, dtype=dtype),
+        return {"pos": torch.zeros((), dtype=torch.long, device=device),
+                "conv": torch.zeros(batch, self.cfg.d_conv - 1, channels, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch, self.nheads, self.cfg.headdim, self.cfg.d_state, device=device,
                                    dtype=work_dtype(dtype))}
 

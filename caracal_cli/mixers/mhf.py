@@ -97,9 +97,12 @@ class MHF(nn.Module):
         # torch.fft on an H100 or H200), torch.fft elsewhere | torch: always the exact torch.fft path | fast:
         # the kernels or an error.
         fft_impl: str = "auto"
+        # Cached decoding sums the current block of this many positions exactly and folds finished blocks by FFT
+        # (see `init_cache`): per token O(decode_block·d) plus one FFT over the history per block.
+        decode_block: int = 256
 
         def validate(self, model: ModelConfig, where: str) -> None:
-            require_positive(self, where, ("pre_kernel", "gate_kernel"))
+            require_positive(self, where, ("pre_kernel", "gate_kernel", "decode_block"))
             for key, allowed in (("gate", ("two_stage", "linear")), ("value_from", ("x", "x_norm")),
                                  ("scale", ("sqrt", "mean", "none")),
                                  ("fft_impl", ("auto", "torch", "fast"))):
@@ -123,10 +126,6 @@ class MHF(nn.Module):
 
     def path(self, device: torch.device) -> str:
         return fftconv.path_label(device, self.cfg.fft_impl)
-
-    def _divisor(self, count: int) -> float:
-        """scale_factors' value for one position with `count` terms."""
-        return float(count) ** 0.5 if self.cfg.scale == "sqrt" else float(count)
 
     def scale_factors(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
         """Per-position divisor of the causal sum at positions start..start+length−1, as [length, 1]."""
@@ -155,38 +154,85 @@ class MHF(nn.Module):
             y = y / scale.to(y.dtype)
         return self.out(y)
 
-    # --- cached decoding: keep every past v and g, so a new token costs O(t·d) instead of an FFT ---------
+    # --- cached decoding: every past v and g, summed in blocks --------------------------------------------
+    # y_t = Σ_{j+k=t} v_j ⊙ g_k. With c = S·⌊t/S⌋ the start of t's block (S = decode_block), the pairs split into
+    # those with j ≥ c (then k = t − j < S), those with k ≥ c (then j < S), and those with j, k < c; the first two
+    # are disjoint once c ≥ S (for c = 0 they coincide: one is dropped). The last part, F_t, involves finished
+    # blocks only: it is folded once per block, by one FFT over the first c positions, for the block's S outputs.
+    # Per token: 4·S·d reads and products, plus the fold's O((c+S)·log(c+S)·d) once every S tokens, where summing
+    # the whole history costs O(t·d) per token.
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
-        d = self.value.in_features
-        zeros = lambda n: torch.zeros(batch, n, d, device=device, dtype=dtype)  # noqa: E731
-        return {"pos": 0, "v": zeros(max_len), "g": zeros(max_len),
+        """Preallocated streams for `max_len` positions (rounded up to whole blocks), the fold F of the current
+        block ("folded", [B, S, d] in float32, float64 for float64 caches), the two convolutions' states; "pos"
+        is a device tensor, so one captured `step` serves every position."""
+        d, S = self.value.in_features, self.cfg.decode_block
+        zeros = lambda n, dt=dtype: torch.zeros(batch, n, d, device=device, dtype=dt)  # noqa: E731
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        return {"pos": torch.zeros((), dtype=torch.long, device=device),
+                "v": zeros(-(-max_len // S) * S), "g": zeros(-(-max_len // S) * S), "folded": zeros(S, work),
                 "pre": zeros(self.cfg.pre_kernel - 1), "gate": zeros(self.cfg.gate_kernel - 1)}
 
     def _forward_cached(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        start, T = cache["pos"], x.shape[1]
-        if start + T > cache["v"].shape[1]:
-            raise ValueError(f"MHF cache holds {cache['v'].shape[1]} positions; asked for {start + T}")
+        """Any number of new positions, eagerly: one token is `step`; a chunk (a prefill) is the parallel path
+        over the history, after which the fold is brought to the block the chunk ends in."""
+        start, T = int(cache["pos"]), x.shape[1]
+        if T == 1:
+            self.prepare_step(cache, start)
+            return self.step(x, cache)
+        end, S = start + T, cache["folded"].shape[1]
+        if end > cache["v"].shape[1]:
+            raise ValueError(f"MHF cache holds {cache['v'].shape[1]} positions; asked for {end}")
         v, g = self.streams(x, cache)
-        cache["v"][:, start:start + T] = v
-        cache["g"][:, start:start + T] = g
-        cache["pos"] = start + T
-        if T > 1 and start == 0:  # prefill: the parallel path
-            y = causal_fft_conv(v, g, self.cfg.fft_impl)
-        elif T == 1:  # one token: y_t = Σ_{j≤t} v_j ⊙ g_{t−j} in one product (decoding is bound by its op count)
-            y = (cache["v"][:, :start + 1] * cache["g"][:, :start + 1].flip(1)).sum(1, keepdim=True)
-            return self.out(y if self.cfg.scale == "none" else y / self._divisor(start + 1))
-        else:
-            past_v = cache["v"][:, :start + T]
-            past_g = cache["g"][:, :start + T]
-            rows = []
-            for i in range(T):  # y_t = Σ_{j≤t} v_j ⊙ g_{t−j}
-                t = start + i
-                rows.append((past_v[:, :t + 1] * past_g[:, :t + 1].flip(1)).sum(1))
-            y = torch.stack(rows, 1)
+        cache["v"][:, start:end] = v
+        cache["g"][:, start:end] = g
+        cache["pos"].fill_(end)
+        y = causal_fft_conv(v, g, self.cfg.fft_impl) if start == 0 else \
+            causal_fft_conv(cache["v"][:, :end], cache["g"][:, :end], self.cfg.fft_impl)[:, start:].to(v.dtype)
+        if end % S:
+            self._fold(cache, end - end % S)
         scale = self.scale_factors(start, T, x.device)
-        if scale is not None:
-            y = y / scale.to(y.dtype)
-        return self.out(y)
+        return self.out(y if scale is None else y / scale.to(y.dtype))
+
+    def prepare_step(self, cache: dict, pos: int) -> None:
+        """Host-side work before the step at position `pos`, outside any CUDA graph: a step that begins a block
+        first folds the finished ones."""
+        if pos % cache["folded"].shape[1] == 0:
+            self._fold(cache, pos)
+
+    def _fold(self, cache: dict, c: int) -> None:
+        """F_{c+i} = Σ_{j, k < c, j+k = c+i} v_j ⊙ g_k for i < S, into cache["folded"]: one FFT of n ≥ c + S
+        points (the circular wrap-around then lands below c)."""
+        folded = cache["folded"]
+        if c == 0:
+            folded.zero_()
+            return
+        n = 1 << (c + folded.shape[1] - 1).bit_length()
+        with autocast_off(folded.device):
+            vf = torch.fft.rfft(cache["v"][:, :c].transpose(1, 2).to(folded.dtype), n=n)  # [B, d, n/2+1]
+            gf = torch.fft.rfft(cache["g"][:, :c].transpose(1, 2).to(folded.dtype), n=n)
+            folded.copy_(torch.fft.irfft(vf * gf, n=n)[..., c:c + folded.shape[1]].transpose(1, 2))
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token x [B, 1, D] at position t = cache["pos"], after `prepare_step(cache, t)`: the current block's
+        pairs summed exactly, plus the fold. Static shapes and no host sync, so a CUDA graph can hold it. The
+        streams after t are still zero (caches start empty and are filled in order), so the S − 1 − (t − c)
+        slots of the block not yet reached add nothing, without a mask."""
+        pos, folded = cache["pos"], cache["folded"]
+        S, work = folded.shape[1], folded.dtype
+        v, g = self.streams(x, cache)
+        cache["v"].index_copy_(1, pos.view(1), v.to(cache["v"].dtype))
+        cache["g"].index_copy_(1, pos.view(1), g.to(cache["g"].dtype))
+        offset = pos % S
+        i = torch.arange(S, device=x.device)
+        index = torch.cat([pos - offset + i, (offset - i).clamp(min=0)])  # block c…c+S−1, then lags t−c…t−c−S+1
+        hv = cache["v"].index_select(1, index).to(work)  # [B, 2S, d]
+        hg = cache["g"].index_select(1, index).to(work)
+        y = hv[:, :S] * hg[:, S:] + (pos >= S).to(work) * hg[:, :S] * hv[:, S:]  # j ≥ c; k ≥ c (one of them if c = 0)
+        y = y.sum(1, keepdim=True) + folded.index_select(1, offset.view(1))  # [B, 1, d]
+        count = (pos + 1).to(work)
+        y = y / count.sqrt() if self.cfg.scale == "sqrt" else y / count if self.cfg.scale == "mean" else y
+        cache["pos"].add_(1)
+        return self.out(y.to(v.dtype))
 
     def extra_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token beyond the weight matmuls: three FFTs of 2L points per channel

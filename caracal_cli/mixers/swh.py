@@ -9,8 +9,9 @@
 Built like the public code (VladimerKhasia/SWH, swh.py: α, ω ~ N(0, 1), chunks of 32, float32 FFT), with two
 changes so a model fits Llama's parameter count: both branches have width `width` (≤ d_model), and the
 attention's own output projection is folded into out_proj (two linear maps in a row are one linear map).
-Cached decoding is exact: the kernel is fixed, so the spectral branch keeps past inputs and sums directly;
-the local branch keeps a ring of the last 2W keys and values.
+Cached decoding is exact and static: the kernel is a damped complex exponential, so the spectral branch is a
+first-order recurrence whose state is one complex number per channel; the local branch keeps a ring of the last
+2W keys and values.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers.attention import Rotary
 from caracal_cli.mixers.fftconv import path_label
 from caracal_cli.mixers.mhf import causal_fft_conv
+from caracal_cli.mixers.precision import autocast_off
 
 
 def oscillator_kernel(decay: torch.Tensor, freq: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -103,58 +105,81 @@ class SWH(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, L, _ = x.shape
-        start = 0 if cache is None else cache["pos"]
-        s = self._spectral(self.proj(x), cache)
+        stepping = cache is not None and L == 1  # the position stays on the device: no host sync
+        start = cache["pos"] if stepping else 0 if cache is None else int(cache["pos"])
+        s = self._spectral(self.proj(x), None if cache is None else cache["state"])
         s = self.norm(s.to(torch.promote_types(s.dtype, torch.float32)))
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # 3×[B, H, L, dh]
         if self.rotary is not None:
             q, k = self.rotary(q, k, start)
-        if cache is None or start == 0:
-            a = chunked_window_attention(q, k, v, self.cfg.chunk)
+        if stepping:
+            a = self._attend_step(q, k, v, cache)
         else:
-            a = self._attend_cached(q, k, v, cache)
-        if cache is not None:
-            self._remember(k, v, cache)
-            cache["pos"] = start + L
+            a = chunked_window_attention(q, k, v, self.cfg.chunk) if start == 0 else \
+                self._attend_cached(q, k, v, cache, start)
+            if cache is not None:
+                self._remember(k, v, cache, start)
         return self.out_proj(s + a.transpose(1, 2).reshape(B, L, -1))
 
-    def _spectral(self, u: torch.Tensor, cache: dict | None) -> torch.Tensor:
-        """k ∗ u for u [B, L, w]; with a cache, the past inputs are kept and new positions summed directly."""
-        work = torch.float64 if u.dtype == torch.float64 else torch.float32
-        start, L = (0, u.shape[1]) if cache is None else (cache["pos"], u.shape[1])
-        if cache is not None:
-            if start + L > cache["u"].shape[1]:
-                raise ValueError(f"SWH cache holds {cache['u'].shape[1]} positions; asked for {start + L}")
-            cache["u"][:, start:start + L] = u
-        if start == 0:
-            return causal_fft_conv(u, oscillator_kernel(self.decay, self.freq, L, work).unsqueeze(0))
-        past = cache["u"][:, :start + L].to(work)
-        kernel = oscillator_kernel(self.decay, self.freq, start + L, work)
-        rows = [(past[:, :t + 1] * kernel[:t + 1].flip(0)).sum(1) for t in range(start, start + L)]
-        return torch.stack(rows, 1).to(u.dtype)
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One decoding token [B, 1, D]: static shapes and no host sync, so a CUDA graph can hold it."""
+        return self.forward(x, cache)
 
-    # --- cached decoding: the local branch's ring of the last 2W keys and values ------------------------
+    def _spectral(self, u: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """k ∗ u for u [B, L, w]. The kernel is Re(λ^t) with λ_c = exp(−|α_c| + iω_c), so the convolution is the
+        real part of h_t = λ·h_{t−1} + u_t: a cache carries h (`state`, complex [B, w]) from chunk to chunk,
+        exactly, in O(w) per token, and the chunk itself is convolved by FFT."""
+        work = torch.float64 if u.dtype == torch.float64 else torch.float32
+        L = u.shape[1]
+        y = u if L == 1 else causal_fft_conv(u, oscillator_kernel(self.decay, self.freq, L, work).unsqueeze(0))
+        if state is None:
+            return y
+        with autocast_off(u.device):
+            log_lam = torch.complex(-self.decay.to(work).abs(), self.freq.to(work))  # [w]
+            powers = torch.exp(torch.arange(L + 1, device=u.device, dtype=work).unsqueeze(1) * log_lam)  # λ^0…λ^L
+            y = y.to(work) + (powers[1:] * state.unsqueeze(1)).real  # what the past adds: Re(λ^{i+1} h)
+            state.copy_(powers[L] * state + (powers[:L].flip(0) * u.to(work)).sum(1))
+        return y.to(u.dtype)
+
+    # --- cached decoding: the spectral state, and the local branch's ring of the last 2W keys and values -----
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
+        """Static: O(1) in `max_len` (the spectral recurrence's state, a ring of 2W keys and values)."""
         ring = (batch, self.n_head, 2 * self.cfg.chunk, self.d_head)
-        return {"pos": 0, "u": torch.zeros(batch, max_len, self.proj.out_features, device=device, dtype=dtype),
+        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        if self.rotary is not None:
+            self.rotary.reserve(max_len, device)
+        return {"pos": torch.zeros((), dtype=torch.long, device=device),
+                "state": torch.zeros(batch, self.proj.out_features, device=device, dtype=complex_dtype),
                 "k": torch.zeros(ring, device=device, dtype=dtype), "v": torch.zeros(ring, device=device, dtype=dtype)}
 
-    def _attend_cached(self, q, k, v, cache: dict) -> torch.Tensor:
-        start, T, size = cache["pos"], q.shape[2], cache["k"].shape[2]
+    def _attend_step(self, q, k, v, cache: dict) -> torch.Tensor:
+        """One token at the device-side position: written into its ring slot, then attending to the slots whose
+        positions (recomputed from pos; negative: never written) the block-causal mask allows."""
+        pos, size = cache["pos"], cache["k"].shape[2]
+        cache["k"].index_copy_(2, (pos % size).view(1), k.to(cache["k"].dtype))
+        cache["v"].index_copy_(2, (pos % size).view(1), v.to(cache["v"].dtype))
+        held = pos - (pos - torch.arange(size, device=q.device)) % size  # the position each slot holds
+        mask = block_causal_mask(pos.view(1), held, self.cfg.chunk)
+        cache["pos"].add_(1)
+        return F.scaled_dot_product_attention(q, cache["k"].to(q.dtype), cache["v"].to(q.dtype), attn_mask=mask)
+
+    def _attend_cached(self, q, k, v, cache: dict, start: int) -> torch.Tensor:
+        T, size = q.shape[2], cache["k"].shape[2]
         held = min(start, size)
         order = torch.arange(start - held, start, device=q.device)
-        keys = torch.cat([cache["k"][:, :, order % size], k], dim=2)
-        values = torch.cat([cache["v"][:, :, order % size], v], dim=2)
+        keys = torch.cat([cache["k"][:, :, order % size].to(k.dtype), k], dim=2)
+        values = torch.cat([cache["v"][:, :, order % size].to(v.dtype), v], dim=2)
         q_pos = torch.arange(start, start + T, device=q.device)
         mask = block_causal_mask(q_pos, torch.cat([order, q_pos]), self.cfg.chunk)
-        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
-    def _remember(self, k, v, cache: dict) -> None:
-        start, T, size = cache["pos"], k.shape[2], cache["k"].shape[2]
+    def _remember(self, k, v, cache: dict, start: int) -> None:
+        T, size = k.shape[2], cache["k"].shape[2]
         keep = slice(max(0, T - size), T)  # a chunk longer than the ring keeps only its last 2W
         slots = torch.arange(start, start + T, device=k.device)[keep] % size
         cache["k"][:, :, slots] = k[:, :, keep].to(cache["k"].dtype)
         cache["v"][:, :, slots] = v[:, :, keep].to(cache["v"].dtype)
+        cache["pos"].fill_(start + T)
 
     def extra_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token beyond the weight matmuls: the input's rFFT and the inverse (2L points,
