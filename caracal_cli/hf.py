@@ -418,7 +418,7 @@ def _resolved_model(section: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _tokenizer_for(folder: Path, hf: dict[str, Any]) -> Tokenizer:
+def _tokenizer_for(folder: Path, hf: dict[str, Any], label: str) -> Tokenizer:
     if hf.get(METADATA_KEY, {}).get("tokenizer") == "gpt2":
         from caracal_cli.tokenizer import gpt2
 
@@ -435,7 +435,7 @@ def _tokenizer_for(folder: Path, hf: dict[str, Any]) -> Tokenizer:
         eos = tok.id_to_token(hf["eos_token_id"])
     if eos is None or tok.token_to_id(eos) is None:
         raise HFError(f"{folder}: cannot tell the end-of-text token (no eos_token in tokenizer_config.json)")
-    name = hf.get(METADATA_KEY, {}).get("tokenizer") or f"hf:{folder.name}"
+    name = hf.get(METADATA_KEY, {}).get("tokenizer") or f"hf:{label}"
     return HFTokenizer(tok, name=name, eot=eos)
 
 
@@ -447,11 +447,12 @@ def import_hf(source: str | Path, out: str | Path, overrides: list[str] | tuple[
     folder = _local_folder(str(source))
     hf = _read_json(folder / "config.json")
     section, names = _model_section(hf)
-    config = _infer_config(hf, section, f"hf-{folder.name}")
+    label = Path(str(source).rstrip("/")).name  # a Hub id's name, not its snapshot's hash
+    config = _infer_config(hf, section, f"hf-{label}")
     if overrides:
         raw = apply_overrides(yaml.safe_load(config_yaml(config)), list(overrides))
         config = config_from_dict(raw, config.name)
-    tok = _tokenizer_for(folder, hf)
+    tok = _tokenizer_for(folder, hf, label)
     if tok.vocab_size > config.model.vocab_size:
         raise HFError(f"the tokenizer has {tok.vocab_size} ids, more than the model's vocab_size "
                       f"{config.model.vocab_size}")

@@ -86,8 +86,9 @@ class CaracalForCausalLM(PreTrainedModel, GenerationMixin):
                                                      ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):  # no cache: each step reads the whole prefix
-        return {"input_ids": input_ids}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """No cache: each step reads the whole prefix. The mask goes on, so a padded batch is refused, not misread."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 AutoConfig.register(MODEL_TYPE, CaracalConfig, exist_ok=True)

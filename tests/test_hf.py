@@ -171,6 +171,39 @@ def test_the_exported_gpt2_tokenizer_is_caracals():
     assert theirs.token_to_id("<|endoftext|>") == ours.eot_id
 
 
+HF_MADE = {  # configs as transformers users write them: its defaults for everything else
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=64)),
+    "mamba": ("MambaConfig", dict(hidden_size=32, state_size=8, num_hidden_layers=2, time_step_rank=5)),
+    "mamba2": ("Mamba2Config", dict(hidden_size=32, state_size=8, num_hidden_layers=2, num_heads=8, head_dim=8,
+                                    n_groups=2, chunk_size=16, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("family", HF_MADE)
+def test_a_checkpoint_saved_by_transformers_imports_with_its_logits(family, tmp_path, float64_transformers):
+    import transformers
+
+    config_class, settings = HF_MADE[family]
+    config = getattr(transformers, config_class)(vocab_size=300, eos_token_id=0, **settings)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    with torch.no_grad():  # off the init (norms and D start at one), onto values a float32 checkpoint holds exactly
+        for param in theirs.parameters():
+            param.copy_((param + 0.1 * torch.randn_like(param)).to(torch.float32))
+    theirs.save_pretrained(tmp_path / "hf")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=hf.hf_tokenizer(_tokenizer()),
+                                                     eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    summary = hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    assert summary["family"] == family and summary["params"] == theirs.num_parameters()
+    ours, config, tok, _ = load_model(tmp_path / "run")
+    assert config.model.tie_embeddings == theirs.config.tie_word_embeddings and tok.eot_id == 0
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.double()(ids), theirs.double()(ids).logits, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("preset", ["llama-tiny", "mamba-small", "mamba2-medium"])
 def test_a_foreign_config_of_a_shipped_shape_infers_that_preset(preset):
     model = load_preset(preset).model
