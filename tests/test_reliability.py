@@ -359,7 +359,7 @@ def test_11_lone_surrogates_are_replaced_and_counted_in_the_manifest(tmp_path):
     lines = [json.dumps({"text": f"document {i} " * 20}) for i in range(30)]
     lines[12] = '{"text": "a lone \\ud800 surrogate and \\udfff another"}'
     corpus.write_text("\n".join(lines) + "\n")
-    result = prepare.prepare_files([str(corpus)], tmp_path / "out", shard_tokens=200)
+    result = prepare.prepare_files([str(corpus)], tmp_path / "out", shard_tokens=200, train_tokenizer=300)
     stats = result.manifest["stats"]
     assert result.manifest["complete"] and (stats["replaced_characters"], stats["replaced_documents"]) == (2, 1)
     assert all("max_id" in e for entries in result.manifest["splits"].values() for e in entries)
