@@ -458,6 +458,12 @@ def fineweb_source(sample: str = "10BT", data_files: Iterable[str] | None = None
 
 
 # --- tokenization -------------------------------------------------------------------------------------------
+def encodable(text: str) -> tuple[str, int]:
+    """`text` with each lone surrogate (a JSON "\\ud800" escape: no UTF-8 for it, so no tokenizer takes it)
+    replaced by U+FFFD, and how many were."""
+    return (text, 0) if text.isascii() else _SURROGATES.subn("\ufffd", text)
+
+
 def _cut(text: str, sep: str, first: int, last: int, after: int) -> int:
     """The first `sep` in text[first:last] standing alone between two non-space characters, or -1; the cut
     falls `after` characters past it."""
@@ -593,12 +599,11 @@ class _ShardWriter:
         self.replacing: dict[int, int] = {}  # document index -> characters replaced, not yet written
 
     def encodable(self, index: int, text: str) -> str:
-        """`text` with each lone surrogate (a JSON "\\ud800" escape: no UTF-8 for it, so no tokenizer takes
-        it) replaced by U+FFFD, counted for the manifest's stats."""
-        if text.isascii() or not (found := _SURROGATES.findall(text)):
-            return text
-        self.replacing[index] = len(found)
-        return _SURROGATES.sub("\ufffd", text)
+        """`encodable(text)`, counted for the manifest's stats."""
+        text, replaced = encodable(text)
+        if replaced:
+            self.replacing[index] = replaced
+        return text
 
     def _count_replaced(self, before: int) -> None:
         for index in [i for i in self.replacing if i < before]:
@@ -816,8 +821,10 @@ def _prepare_locked(source: Source, out: Path, settings: dict, val: dict, tok: T
                 path.unlink()  # left by a run killed while writing
         tok, begin = load_tokenizer(out), None
     else:
-        if tok is None:  # trained on the training documents (all of them when validation is a token count)
-            tok = train_bpe((text for text, _ in source.read(val.get("documents", 0), None)), train_tokenizer)
+        if tok is None:  # trained on the training documents (all of them when validation is a token count), in
+            # the pieces they are encoded in: the same pre-tokens (the same tokenizer), bounded memory
+            texts = source.read(val.get("documents", 0), None)
+            tok = train_bpe((piece for text, _ in texts for piece in _pieces(encodable(text)[0])), train_tokenizer)
         if vocab_limit is not None:
             check_vocab_fits({"tokenizer": tok.entry()}, vocab_limit)
         manifest = _new_manifest(tok, settings, command or [])

@@ -43,7 +43,7 @@ from caracal_cli.checkpoint import (
 )
 from caracal_cli.config import CaracalError, Config, apply_overrides, config_from_dict, load_preset, warn
 from caracal_cli.device import resolve_device, to_device
-from caracal_cli.fileio import DirectoryLock, write_json
+from caracal_cli.fileio import DirectoryLock, atomic_path, write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
 from caracal_cli.model import (
     build_model, count_parameters, flops_per_token, kernel_paths, set_activation_checkpointing,
@@ -590,7 +590,8 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
             metrics.path.unlink(missing_ok=True)  # the rows of an earlier attempt, killed before a checkpoint
             save_run_config(run_dir, config)
             for file in job.tokenizer_files:  # copied, not loaded: training needs no tokenizer library
-                shutil.copyfile(file, run_dir / file.name)
+                with atomic_path(run_dir / file.name) as tmp:
+                    shutil.copyfile(file, tmp)
             write_json(run_dir / DATA_FILE, {"path": str(data_dir.resolve()), "tokenizer": manifest["tokenizer"],
                                              "splits": split_summary(manifest), "source": manifest.get("source"),
                                              "fingerprint": data_fingerprint(manifest)})

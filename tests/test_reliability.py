@@ -359,7 +359,7 @@ def test_11_lone_surrogates_are_replaced_and_counted_in_the_manifest(tmp_path):
     lines = [json.dumps({"text": f"document {i} " * 20}) for i in range(30)]
     lines[12] = '{"text": "a lone \\ud800 surrogate and \\udfff another"}'
     corpus.write_text("\n".join(lines) + "\n")
-    result = prepare.prepare_files([str(corpus)], tmp_path / "out", shard_tokens=200)
+    result = prepare.prepare_files([str(corpus)], tmp_path / "out", shard_tokens=200, train_tokenizer=300)
     stats = result.manifest["stats"]
     assert result.manifest["complete"] and (stats["replaced_characters"], stats["replaced_documents"]) == (2, 1)
     assert all("max_id" in e for entries in result.manifest["splits"].values() for e in entries)
@@ -402,7 +402,8 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_8_prepare_workers_end_with_their_parent_when_it_is_killed(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_8_prepare_workers_end_with_their_parent_when_it_is_killed(tmp_path, signum):
     corpus = tmp_path / "big.txt"
     corpus.write_text(("a line of text for the workers to chew on\n" * 20_000 + "\n") * 20)
     proc = subprocess.Popen([sys.executable, "-m", "caracal_cli", "prepare", "files", str(corpus), "-o",
@@ -415,7 +416,7 @@ def test_8_prepare_workers_end_with_their_parent_when_it_is_killed(tmp_path):
     time.sleep(0.3)
     children = _children(proc.pid)  # 2 workers and the resource tracker
     assert len(children) >= 2 and proc.poll() is None, "the workers never started"
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signum)
     proc.wait()
     deadline = time.time() + 20
     while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in children):
