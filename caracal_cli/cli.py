@@ -567,6 +567,8 @@ def plot(
         table.add_row(row["run"], str(row["points"]), f"{row['last']:.4g}", f"{row['last_tokens']:,}",
                       f"{row['best']:.4g}", f"{row['best_tokens']:,}")
     print_table(table)
+    for note in report["missing"]:
+        err_console.print(f"not plotted: {note}", highlight=False, soft_wrap=True)
 
 
 @app.command()
