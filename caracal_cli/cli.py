@@ -82,8 +82,8 @@ def set_threads(threads: Optional[int], processes: int = 1) -> int:
         return sys.modules["torch"].get_num_threads()
     if threads is None:
         given = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(given) if given.isdigit() and int(given) > 0 else \
-            max(1, len(os.sched_getaffinity(0)) // processes)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = int(given) if given.isdigit() and int(given) > 0 else max(1, cores // processes)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:
@@ -92,8 +92,8 @@ def set_threads(threads: Optional[int], processes: int = 1) -> int:
 
 
 def print_table(table: Table) -> None:
-    """`table` when the terminal is wide enough to show it (wrapping text), else as a list, one line per row:
-    rich would cut every column to a few letters (`jamba-d…`)."""
+    """`table` when the terminal is wide enough for it, else as a list, one line per row: rich would cut every
+    column to a few letters (`jamba-d…`)."""
     from rich.measure import Measurement
 
     if Measurement.get(console, console.options.update_width(10_000), table).maximum <= console.width:
@@ -627,6 +627,8 @@ def plot(
         table.add_row(row["run"], str(row["points"]), f"{row['last']:.4g}", f"{row['last_tokens']:,}",
                       f"{row['best']:.4g}", f"{row['best_tokens']:,}")
     print_table(table)
+    for note in report["missing"]:
+        err_console.print(f"not plotted: {note}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -401,12 +401,10 @@ def missing_datasets_message(names: list[str], manager, first: tuple[str, str, s
     """One message naming every requested task whose dataset is not at hand (each task is loaded on its own
     to find them all; offline, a missing one fails at once), the one command that fetches them on a connected
     machine, and where the cache goes."""
-    from lm_eval.tasks import get_task_dict
-
     missing = []
     for name in names:
         try:
-            get_task_dict([name], manager)
+            load_tasks(manager, [name])
         except Exception as err:  # noqa: BLE001 - a task that fails otherwise is reported by the real run
             found = missing_dataset(err)
             if found is not None:
@@ -487,12 +485,16 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | Non
 def download_tasks(tasks: str | Iterable[str], include_path: str | Path | None = None) -> list[str]:
     """Load `tasks` once with the Hub online, which fills the local HF cache (`caracal eval --download-only`);
     returns their lm-eval names."""
-    from lm_eval.tasks import get_task_dict
-
     use_offline_hub(online=True)
     names = resolve_task_names(tasks)
-    get_task_dict(names, task_manager_for(names, include_path))
+    load_tasks(task_manager_for(names, include_path), names)
     return names
+
+
+def load_tasks(manager, names: list[str]):
+    """Build the tasks (each loads its dataset): `TaskManager.load` where this lm-eval has it, the older
+    `load_task_or_group` elsewhere."""
+    return manager.load(names) if hasattr(manager, "load") else manager.load_task_or_group(names)
 
 
 def write_results(path: str | Path, results: dict) -> None:

@@ -144,17 +144,21 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> dict[str, Any]:
     plt = _pyplot()
     names = labels(runs)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    rows = []
-    for run, name in zip(runs, names, strict=True):
+    rows, missing = [], []
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
         records = read_metrics(run)
         xs, ys = curve(records, metric)
-        if not ys:
+        if not ys:  # e.g. no validation yet: the other runs are still plotted
             known = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float))} - {"step"})
-            raise RunError(f"{run}: no {metric!r} in {METRICS_FILE} (it has {', '.join(known)})")
-        ax.plot(xs, ys, marker="o" if len(ys) < 30 else None, markersize=3, label=name)
+            missing.append(f"{run}: no {metric!r} in {METRICS_FILE} (it has {', '.join(known)})")
+            continue
+        ax.plot(xs, ys, marker="o" if len(ys) < 30 else None, markersize=3, label=name, color=f"C{i % 10}")
         best = min(range(len(ys)), key=ys.__getitem__)
         rows.append({"run": name, "path": str(run), "points": len(ys), "last": ys[-1], "last_tokens": xs[-1],
                      "best": ys[best], "best_tokens": xs[best]})
+    if not rows:
+        plt.close(fig)
+        raise RunError("; ".join(missing))
     ax.set_xlabel("tokens")
     ax.set_ylabel(metric)
     if metric.endswith(("loss", "ppl")) and all(r["best"] > 0 for r in rows):
@@ -163,7 +167,7 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> dict[str, Any]:
     ax.legend(fontsize=8)
     ax.set_title(f"{metric} — {', '.join(names)}" if len(names) < 4 else metric, fontsize=10)
     _save_figure(fig, out)
-    return {"metric": metric, "png": str(out), "runs": rows}
+    return {"metric": metric, "png": str(out), "runs": rows, "missing": missing}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -194,13 +198,14 @@ def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
     plt = _pyplot()
     names = labels(runs)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for run, name in zip(runs, names, strict=True):
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
         records = read_metrics(run)
         for row, metric in enumerate(("loss", "val_loss")):
             for col, x in enumerate(("tokens", "elapsed")):
                 xs, ys = curve(records, metric, x)
-                if ys:
-                    axes[row][col].plot(xs, ys, marker="o" if len(ys) < 30 else None, markersize=3, label=name)
+                if ys:  # a run keeps its colour on every panel, even where another run has no points
+                    axes[row][col].plot(xs, ys, marker="o" if len(ys) < 30 else None, markersize=3, label=name,
+                                        color=f"C{i % 10}")
     for row, metric in enumerate(("training loss", "validation loss")):
         for col, x in enumerate(("tokens", "training time (s)")):
             ax = axes[row][col]

@@ -147,10 +147,12 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
     CPU, where a sweep whose largest training step would not fit in the memory available is refused)."""
     device = str(resolve_device(device))
     cpu = device == "cpu"
-    size = size if size is not None else CPU_DEFAULTS["size"] if cpu else "small"
-    tokens_per_step = (tokens_per_step if tokens_per_step is not None
-                       else CPU_DEFAULTS["tokens_per_step"] if cpu else 65536)
-    repeats = repeats if repeats is not None else CPU_DEFAULTS["repeats"] if cpu else 5
+    if size is None:
+        size = CPU_DEFAULTS["size"] if cpu else "small"
+    if tokens_per_step is None:
+        tokens_per_step = CPU_DEFAULTS["tokens_per_step"] if cpu else 65536
+    if repeats is None:
+        repeats = CPU_DEFAULTS["repeats"] if cpu else 5
     if lengths is None and cpu:
         lengths = ",".join(map(str, CPU_DEFAULTS["lengths"]))
     model_list = list(dict.fromkeys(_split(models, "--models"))) if models is not None else list(DEFAULT_MODELS)

@@ -275,6 +275,16 @@ def test_cli_eval_with_include_path_prints_the_paper_table_and_writes_json(run_d
     assert set(summary["tasks"]) == {"tiny_mc"} and summary["average_over"] == ["tiny_mc"]
 
 
+def test_download_only_loads_the_tasks_without_a_checkpoint(task_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # --download-only goes online: restored afterwards
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+    result = runner.invoke(app, ["eval", "--download-only", "--tasks", "tiny_mc", "--include-path", str(task_dir),
+                                 "--runs-dir", str(tmp_path / "no-runs")])
+    assert result.exit_code == 0, result.output
+    assert f"datasets of tiny_mc are in the HF cache ({tmp_path / 'hf'})" in result.output.replace("\n", " ")
+
+
 def test_cli_passes_lm_eval_arguments_through():
     result = runner.invoke(app, ["lm-eval", "--help"])
     assert result.exit_code == 0, result.output
