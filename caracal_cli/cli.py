@@ -686,7 +686,8 @@ def _cell(value) -> str:
 @user_errors
 def speed(
     models: Optional[str] = typer.Option(None, help="Comma-separated models: caracal, llama, mamba, mamba2, "
-                                         "jamba, swh (default: all six). Model X runs preset X-<size>."),
+                                         "jamba, swh (default: all six). Model X runs preset X-<size>; a run "
+                                         "directory (e.g. from `caracal import`) or a preset YAML runs its model."),
     size: Optional[str] = typer.Option(None, help="tiny, small, medium, large or demo.",
                                        show_default="small; demo on a CPU"),
     lengths: Optional[str] = typer.Option(None, help="Comma-separated sequence lengths.",

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from caracal_cli import __version__
+from caracal_cli.checkpoint import CONFIG_FILE
 from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset, parse_override
 from caracal_cli.device import resolve_device
 from caracal_cli.fileio import atomic_path, write_json
@@ -125,9 +126,18 @@ def known_models() -> list[str]:
     return list(DEFAULT_MODELS) + sorted(families - set(DEFAULT_MODELS))
 
 
+def model_config_file(model: str) -> str | None:
+    """A run directory's config.yaml, or a preset YAML given by path: a model measured as it is, whatever --size
+    says (an imported checkpoint, a custom model); None for a family name."""
+    path = Path(model)
+    if (path / CONFIG_FILE).is_file():
+        return str(path / CONFIG_FILE)
+    return model if path.suffix in (".yaml", ".yml") and path.is_file() else None
+
+
 def preset_name(model: str, size: str) -> str:
     """Caracal's presets are named by size alone (`small`); every baseline's `<family>-<size>`."""
-    return size if model == "caracal" else f"{model}-{size}"
+    return model_config_file(model) or (size if model == "caracal" else f"{model}-{size}")
 
 
 def _split(text: str, option: str) -> list[str]:
@@ -158,8 +168,9 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
     model_list = list(dict.fromkeys(_split(models, "--models"))) if models is not None else list(DEFAULT_MODELS)
     known = known_models()
     for model in model_list:
-        if model not in known:
-            raise SpeedError(f"unknown model {model!r} (known: {', '.join(known)})")
+        if model not in known and model_config_file(model) is None:
+            raise SpeedError(f"unknown model {model!r} (known: {', '.join(known)}; or a run directory or "
+                             f"preset YAML)")
     if size not in SIZES:
         raise SpeedError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
     length_list = list(DEFAULT_LENGTHS)

@@ -276,6 +276,12 @@ def test_an_imported_run_fine_tunes_with_train_resume(runs, tmp_path):
     summary = train(None, data, run, resume=True, max_steps=2, device="cpu", quiet=True)
     assert summary["step"] == 2 and latest_checkpoint(run).name == "step_00000002"
     assert (latest_checkpoint(run) / "model.safetensors").read_bytes() != before.read_bytes()
+    speed = runner.invoke(app, ["speed", "--models", str(run), "--mode", "prefill", "--lengths", "32",
+                                "--tokens-per-step", "64", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                                "--out", str(tmp_path / "speed")])  # the imported model, measured as it is
+    assert speed.exit_code == 0, speed.output
+    report = json.loads((tmp_path / "speed" / "speed.json").read_text())
+    assert [(r["preset"], r["status"]) for r in report["results"]] == [(str(run / "config.yaml"), "ok")]
 
 
 def test_cli_export_and_import_refuse_bad_input_in_one_line(runs, tmp_path):
