@@ -21,6 +21,7 @@ from caracal_cli.train import AUTOBATCH_FILE, evaluate_val_loss, train, validati
 from test_loader import make_dataset
 from test_train import TINY, weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 AUTO = [o for o in TINY if not o.startswith("train.micro_batch")] + ["train.micro_batch=auto"]
 CPU = torch.device("cpu")
 GPU_GIB = 80.0  # the fake device's memory
@@ -117,7 +118,6 @@ def data(tmp_path_factory):
 
 
 def test_auto_is_recorded_and_a_resumed_run_reuses_it_bit_identically(data, tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     straight = train(load_preset("demo", AUTO), data, tmp_path / "straight", max_steps=4, device="cpu", quiet=True)
     record = json.loads((tmp_path / "straight" / AUTOBATCH_FILE).read_text())
     assert record["micro_batch"] == 8 and record["method"] == "estimate"  # 512 tokens per step = 8 sequences
@@ -140,7 +140,6 @@ def test_auto_is_recorded_and_a_resumed_run_reuses_it_bit_identically(data, tmp_
 
 def test_a_sigterm_during_the_final_validation_stops_it_within_one_batch(data, tmp_path, monkeypatch):
     """A slow validation (many batches) must not hold a stop request: the step is saved, nothing more runs."""
-    torch.set_num_threads(1)
     batches = []
     original = train_module.ValidationWindows.batch
 

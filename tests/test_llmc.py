@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from caracal_cli.config import CaracalError, load_preset
 from caracal_cli.shards import ShardError, load_manifest, read_header, read_shard, verify_dataset, write_shard
@@ -73,14 +72,6 @@ def test_a_broken_folder_is_refused_naming_the_problem(tmp_path, damage, message
     damage(folder)
     with pytest.raises(ShardError, match=message):
         load_manifest(folder)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_train_runs_on_a_modded_nanogpt_folder_with_no_preparation(tmp_path, one_thread):

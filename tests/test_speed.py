@@ -19,13 +19,7 @@ ENVIRONMENT_KEYS = {"device", "device_name", "torch", "cuda", "cudnn", "python",
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The sweeps here are tiny: one intra-op thread keeps them quick on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_entry(entry: dict, repeats: int) -> None:

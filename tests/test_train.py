@@ -36,14 +36,7 @@ TINY = ["model.d_model=64", "model.n_layer=3", "model.context=64", "model.vocab_
         "train.log_every=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads can run ten times slower (they spin
-    while the other core is busy); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
