@@ -240,7 +240,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be finite, got {value!r}")
         return float(value)
     if annotation is int:
-        if isinstance(value, float) and value.is_integer():  # 1e9 in YAML is a float
+        if isinstance(value, str):  # YAML 1.1 reads 1e8 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, float) and value.is_integer():  # 1.0e9 in YAML is a float
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")

@@ -42,6 +42,9 @@ def test_inheritance_and_overrides():
     assert c.model.pattern == "A" and c.model.pos_emb == "rope" and c.model.d_model == 512
     assert c.train.lr == 6e-4 and c.model.mixers["A"]["window"] == 128 and c.train.betas == (0.9, 0.99)
     assert "F" not in c.model.mixers  # a preset that names mixers replaces its parent's
+    assert load_preset("tiny", ["train.tokens=1e8"]).train.tokens == 100_000_000  # YAML reads 1e8 as a string
+    with pytest.raises(ConfigError, match="train.tokens must be an integer"):
+        load_preset("tiny", ["train.tokens=1.5e0"])
 
 
 def test_preset_from_a_yaml_path(tmp_path):
