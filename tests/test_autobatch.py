@@ -19,7 +19,7 @@ from caracal_cli.monitor import read_metrics
 from caracal_cli.recipe import learning_rate
 from caracal_cli.train import AUTOBATCH_FILE, evaluate_val_loss, train, validation_batch
 from test_loader import make_dataset
-from test_train import TINY, weights
+from test_train import TINY, signal_at_step, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 AUTO = [o for o in TINY if not o.startswith("train.micro_batch")] + ["train.micro_batch=auto"]
@@ -122,13 +122,7 @@ def test_auto_is_recorded_and_a_resumed_run_reuses_it_bit_identically(data, tmp_
     record = json.loads((tmp_path / "straight" / AUTOBATCH_FILE).read_text())
     assert record["micro_batch"] == 8 and record["method"] == "estimate"  # 512 tokens per step = 8 sequences
     assert load_run_config(tmp_path / "straight").train.micro_batch == 8  # the saved config holds the value
-
-    def interrupt_in_step_2(step, plan, cfg):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return learning_rate(step, plan, cfg)
-
-    monkeypatch.setattr(train_module, "learning_rate", interrupt_in_step_2)
+    signal_at_step(monkeypatch, 1, signal.SIGINT)
     run = tmp_path / "interrupted"
     assert train(load_preset("demo", AUTO), data, run, max_steps=4, device="cpu", quiet=True)["step"] == 2
     monkeypatch.setattr(train_module, "learning_rate", learning_rate)

@@ -74,6 +74,18 @@ def tiny_args(*extra: str) -> list[str]:
     return [arg for item in [*TINY, *extra] for arg in ("--set", item)]
 
 
+def signal_at_step(monkeypatch, step: int, *signums: int) -> None:
+    """Send `signums` to this process as 0-based optimizer step `step` starts (the trainer asks for its learning
+    rate first), as Ctrl-C or a scheduler's SIGTERM would mid-run; put `learning_rate` back to stop it."""
+    def schedule(index, plan, cfg):
+        if index == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return learning_rate(index, plan, cfg)
+
+    monkeypatch.setattr(train_module, "learning_rate", schedule)
+
+
 # --- the recipe -----------------------------------------------------------------------------------------
 def test_batch_plan_and_a_clear_refusal_when_it_does_not_divide():
     plan = plan_batches(load_preset("tiny", ["train.micro_batch=64"]).train, 512, world_size=8)
@@ -144,18 +156,11 @@ def test_the_demo_preset_learns_and_writes_a_complete_run_directory(data, tmp_pa
 
 def test_an_interrupted_and_resumed_run_ends_bit_identical(data, straight, tmp_path, monkeypatch):
     run = tmp_path / "interrupted"
-    schedule = learning_rate
-
-    def interrupt_in_step_3(step, plan, cfg):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: step 3 finishes, then a checkpoint
-        return schedule(step, plan, cfg)
-
-    monkeypatch.setattr(train_module, "learning_rate", interrupt_in_step_3)
+    signal_at_step(monkeypatch, 2, signal.SIGINT)  # as Ctrl-C would: step 3 finishes, then a checkpoint
     stopped = train(load_preset("demo", TINY), data, run, max_steps=6, device="cpu", quiet=True)
     assert stopped["stopped_by"] == "SIGINT" and stopped["step"] == 3
     assert latest_checkpoint(run).name == "step_00000003"
-    monkeypatch.setattr(train_module, "learning_rate", schedule)
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
     resumed = train(None, None, run, max_steps=6, resume=True, device="cpu", quiet=True)
     assert resumed["step"] == 6 and resumed["steps_run"] == 3
     a, b = weights(straight["run_dir"]), weights(run)
@@ -170,22 +175,15 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(data, straight, tmp_p
 def test_a_second_ctrl_c_stops_at_once_and_saves_the_last_completed_step(data, straight, tmp_path, monkeypatch,
                                                                          capfd):
     run = tmp_path / "twice"
-    schedule = learning_rate
-
-    def ctrl_c_twice_in_step_3(step, plan, cfg):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # acknowledged at once; the step goes on
-            os.kill(os.getpid(), signal.SIGINT)  # the step is abandoned: step 2 is saved
-        return schedule(step, plan, cfg)
-
-    monkeypatch.setattr(train_module, "learning_rate", ctrl_c_twice_in_step_3)
+    # the first is acknowledged at once and the step goes on; the second abandons it: step 2 is saved
+    signal_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
     stopped = train(load_preset("demo", TINY), data, run, max_steps=6, device="cpu", progress=False)
     err = capfd.readouterr().err
     assert f"SIGINT: stopping after this step; resume with: caracal train --resume {run}" in err
     assert "second Ctrl-C: stopping now, saving the last completed step" in err
     assert stopped["stopped_by"] == "SIGINT" and stopped["step"] == 2
     assert latest_checkpoint(run).name == "step_00000002"
-    monkeypatch.setattr(train_module, "learning_rate", schedule)
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
     train(None, None, run, max_steps=6, resume=True, device="cpu", quiet=True)
     a, b = weights(straight["run_dir"]), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)  # nothing of the abandoned step leaked into the checkpoint
@@ -215,14 +213,7 @@ def test_resume_with_changes_extends_the_run_and_records_them(data, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_cli_exits_143(data, tmp_path, monkeypatch):
-    schedule = learning_rate
-
-    def terminate_in_step_2(step, plan, cfg):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return schedule(step, plan, cfg)
-
-    monkeypatch.setattr(train_module, "learning_rate", terminate_in_step_2)
+    signal_at_step(monkeypatch, 1, signal.SIGTERM)
     run = tmp_path / "terminated"
     result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run),
                                  "--device", "cpu", "--max-steps", "5", *tiny_args()])
@@ -356,23 +347,21 @@ def read_tensorboard(folder: Path) -> list[tuple[int, dict[str, float]]]:
         crc = crc32c(data)
         return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
+    def varint(buf, i):
+        value, shift = 0, 0
+        while True:
+            value |= (buf[i] & 0x7F) << shift
+            shift, i = shift + 7, i + 1
+            if not buf[i - 1] & 0x80:
+                return value, i
+
     def fields(buf):
         i = 0
         while i < len(buf):
-            key, shift = 0, 0
-            while True:
-                key |= (buf[i] & 0x7F) << shift
-                shift, i = shift + 7, i + 1
-                if not buf[i - 1] & 0x80:
-                    break
+            key, i = varint(buf, i)
             number, wire = key >> 3, key & 7
             if wire == 0:
-                value, shift = 0, 0
-                while True:
-                    value |= (buf[i] & 0x7F) << shift
-                    shift, i = shift + 7, i + 1
-                    if not buf[i - 1] & 0x80:
-                        break
+                value, i = varint(buf, i)
             elif wire == 1:
                 value, i = struct.unpack("<d", buf[i:i + 8])[0], i + 8
             elif wire == 5:
