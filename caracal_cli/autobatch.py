@@ -105,8 +105,7 @@ def limit_gib(config: Config, total: float) -> float:
 def apply_memory_limit(config: Config, device: torch.device) -> None:
     """Hold this process to train.memory_limit_gb on CUDA (as a smaller card would), for the probe and the run."""
     if device.type == "cuda" and config.train.memory_limit_gb is not None:
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, config.train.memory_limit_gb / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config.train.memory_limit_gb / device_gib(device)), device)
 
 
 def _estimate_gib(config: Config, micro_batch: int, checkpointing: str) -> float:

@@ -25,11 +25,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -779,9 +779,9 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
     finally:
         console.close()
     session = time.perf_counter() - session_start
-    if dev.type == "cuda":
-        console.print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB "
-                      f"(torch.cuda.max_memory_allocated)")
+    peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    if peak_gib is not None:
+        console.print(f"peak memory {peak_gib:.1f} GiB (torch.cuda.max_memory_allocated)")
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else (
         (state.step - start_step) * plan.tokens_per_step / session if state.step > start_step else None)
     return {"run_dir": str(run_dir), "step": state.step, "tokens": state.tokens, "loss": state.loss,
@@ -791,7 +791,7 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
             "steps_run": state.step - start_step, "elapsed": state.elapsed, "tokens_per_s": tokens_per_s,
             "mfu": flops * tokens_per_s / (peak * ranks.world_size) if peak and tokens_per_s else None,
             "world_size": ranks.world_size, "params": params,
-            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+            "peak_gib": peak_gib}
 
 
 def _resume_point(run_dir: Path, ranks: Ranks) -> tuple[Path, bool]:
