@@ -99,6 +99,14 @@ def describe_path(impl: str, device: torch.device, library_detail: str, referenc
     return f"reference {reference_detail} ({why})"
 
 
+def attach_library(mixer: nn.Module, build) -> None:
+    """Build the library module at construction where mamba_ssm imports (on the meta device: no memory, no
+    random draws), so torch.compile never traces its constructor (Dynamo fails inside Mamba2.__init__)."""
+    if mixer.cfg.impl != "reference" and mamba_backend().available:
+        with torch.random.fork_rng(devices=[]):
+            mixer.__dict__["_library"] = build()
+
+
 def run_library(mixer: nn.Module, build, x: torch.Tensor) -> torch.Tensor:
     """Run mamba_ssm's module on `mixer`'s own Parameter objects (the same dotted names), so both paths train
     and save the same weights. The library module is built once on the meta device and is not a child of
@@ -273,6 +281,7 @@ class Mamba(nn.Module):
         self.A_log._no_weight_decay = self.D._no_weight_decay = True
         self.out_proj = nn.Linear(E, d, bias=cfg.bias)
         self.out_proj.residual_projection = True
+        attach_library(self, self._build_library)
 
     def path(self, device: torch.device) -> str:
         backend = mamba_backend()

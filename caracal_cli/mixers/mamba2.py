@@ -27,6 +27,7 @@ from torch import nn
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers.precision import autocast_off
 from caracal_cli.mixers.mamba import (
+    attach_library,
     causal_depthwise_conv,
     choose_path,
     depthwise_conv_layer,
@@ -144,6 +145,7 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(E, group_size=E // G)
         self.out_proj = nn.Linear(E, d, bias=cfg.bias)
         self.out_proj.residual_projection = True
+        attach_library(self, self._build_library)
 
     def path(self, device: torch.device) -> str:
         backend = mamba_backend()

@@ -1,0 +1,125 @@
+"""Where one MHF module's time goes: forward + backward of the module and of its parts alone, eager and
+compiled, and the module's kernels summed by kind (as scripts/profile_step.py sums a training step's).
+
+    PYTHONPATH=$PWD python3 scripts/profile_mixer.py --d-model 768 --n-head 12 --lengths 512 2048 \
+        [--tokens 65536] [--set fused=off …] [--compile] [--json FILE]
+
+Parts: the whole module; its three linears alone; the FFT convolution alone; the pre-convolution with the
+LayerNorm; SiLU with the grouped gate convolution. bf16 autocast on CUDA, float32 on a CPU (a rough guide only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import kind_of  # noqa: E402
+
+from caracal_cli.config import ModelConfig, parse_override  # noqa: E402
+from caracal_cli.mixers import build_mixer  # noqa: E402
+from caracal_cli.mixers.mhf import causal_fft_conv  # noqa: E402
+
+
+def parts(mixer) -> dict:
+    """name → fn(x) of the module and of each of its parts, all on x [B, L, D]."""
+    def linears(x):
+        return mixer.out(mixer.value(x) * mixer.gate_in(x))
+
+    def pre_norm(x):
+        return mixer.norm(mixer.pre_conv(x))
+
+    def gate(x):
+        return mixer.gate_conv(F.silu(x))
+
+    def conv(x):
+        return causal_fft_conv(x, x.detach().flip(1).requires_grad_(), mixer.cfg.fft_impl)
+
+    return {"module": mixer, "linears": linears, "fft conv": conv, "pre-conv + norm": pre_norm,
+            "silu + gate conv": gate}
+
+
+def time_ms(fn, x, dy, repeats: int, sync) -> float:
+    def once():
+        x.grad = None
+        fn(x).backward(dy)
+    for _ in range(3):
+        once()
+    sync()
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    sync()
+    return (time.perf_counter() - begin) / repeats * 1e3
+
+
+def kernels_by_kind(fn, x, dy, sync, cuda: bool) -> dict[str, float]:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        x.grad = None
+        fn(x).backward(dy)
+        sync()
+    by_kind: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if cuda and event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation:
+            by_kind[kind_of(event.name)] += event.time_range.elapsed_us() / 1e3
+    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--n-head", type=int, default=12)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch = tokens / L)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="MHF key=value")
+    ap.add_argument("--compile", action="store_true", help="also time each part under torch.compile")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    raw = {"kind": "mhf", **{".".join(keys): value for keys, value in map(parse_override, args.overrides)}}
+    model_cfg = ModelConfig(d_model=args.d_model, n_head=args.n_head)
+    mixer = build_mixer(raw, model_cfg, "mixer").to(device)
+    rows = []
+    for length in args.lengths:
+        batch = max(1, args.tokens // length)
+        x = torch.randn(batch, length, args.d_model, device=device, requires_grad=True)
+        dy = torch.randn_like(x)
+        for name, fn in parts(mixer).items():
+            for compiled in (False, True) if args.compile else (False,):
+                run = torch.compile(fn) if compiled else fn
+
+                def under_autocast(x, run=run):
+                    with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+                        return run(x)
+                ms = time_ms(under_autocast, x, dy, args.repeats, sync)
+                kinds = kernels_by_kind(under_autocast, x, dy, sync, cuda) if name == "module" else {}
+                rows.append({"part": name, "length": length, "batch": batch, "compiled": compiled, "ms": ms,
+                             "kernels_by_kind_ms": kinds})
+                print(f"L={length:6d} {'compiled' if compiled else 'eager':8s} {name:18s} {ms:8.2f} ms"
+                      + ("   " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()) if kinds else ""),
+                      flush=True)
+            torch._dynamo.reset()
+    report = {"d_model": args.d_model, "n_head": args.n_head, "tokens": args.tokens, "overrides": args.overrides,
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": rows}
+    path = args.json or (os.path.join(os.environ["OUT"], "profile_mixer.json") if os.environ.get("OUT") else None)
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
