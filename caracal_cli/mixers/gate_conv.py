@@ -28,15 +28,17 @@ import torch.nn.functional as F
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read, like triton.jit, when the kernels are defined
-# Rows per program. Its [BLOCK_M, dh] fp32 accumulator is 64 registers a thread with 4 warps at dh = 64; dh = 128
-# halves the rows to stay there.
-BLOCK_M = 128
-BLOCK_M_WIDE = 64
-# The weight-gradient reduction: about this many programs per streaming multiprocessor (so each loops over many
-# row blocks), and at most this many bytes of fp32 partials ([programs, H, k, dh, dh]).
+# (rows per program, warps) by d_head, read off sm_90 builds at k ≤ 4 (bf16): the forward and input-gradient
+# kernels keep k weight tiles and k SiLU tiles live at once, ≤ 100 registers a thread at dh ≤ 64 (dh = 128 takes 64
+# rows: 255, the forward spilling 16 bytes at k = 3); the weight-gradient loop pipelines its loads through shared
+# memory (≤ 64 KB, ≤ 170 registers). 64 rows is also the M of Hopper's wgmma per warp group.
+ROW_TILES = {16: (128, 8), 32: (128, 8), 64: (128, 8), 128: (64, 8)}
+REDUCE_TILES = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (64, 8)}
+# The weight-gradient reduction: about this many programs per streaming multiprocessor (each loops over many row
+# blocks), with at most this many bytes of fp32 partials ([programs, H, k, dh, dh]).
 REDUCE_PROGRAMS_PER_SM = 2
 MAX_PARTIAL_BYTES = 8 << 20
-INTERPRETER_SMS = 4  # CPU tensors (Triton's interpreter): enough programs to exercise the reduction
+INTERPRETER_SMS = 8  # CPU tensors (Triton's interpreter): enough programs to exercise the reduction
 
 
 def gate_conv_path(device: torch.device, dtype: torch.dtype, d_head: int) -> str:
@@ -79,10 +81,6 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or INTERPRETED
 
 
-def _block_m(d_head: int) -> int:
-    return BLOCK_M if d_head <= 64 else BLOCK_M_WIDE
-
-
 @torch.library.custom_op("caracal::silu_gate_conv", mutates_args=())
 def silu_gate_conv_fused(g1: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The forward kernel: g1 [B, L, D] (made contiguous), weight [D, dh, k], bias [D] or None."""
@@ -90,11 +88,11 @@ def silu_gate_conv_fused(g1: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     B, L, D = g1.shape
     _, dh, k = weight.shape
     y = torch.empty_like(g1)
-    block = _block_m(dh)
+    block, warps = ROW_TILES[dh]
     grid = (triton.cdiv(B * L, block), D // dh)
     _forward_kernel[grid](g1, _taps(weight, g1.dtype), g1 if bias is None else bias, y, B * L, L, D,
                           K=k, DH=dh, BLOCK_M=block, HAS_BIAS=bias is not None, FP32_DOT=_fp32_dot(g1.dtype),
-                          num_warps=4)
+                          num_warps=warps)
     return y
 
 
@@ -110,10 +108,10 @@ def silu_gate_conv_input_grad(dy: torch.Tensor, g1: torch.Tensor, weight: torch.
     B, L, D = g1.shape
     _, dh, k = weight.shape
     dg1 = torch.empty_like(g1)
-    block = _block_m(dh)
+    block, warps = ROW_TILES[dh]
     grid = (triton.cdiv(B * L, block), D // dh)
     _input_grad_kernel[grid](dy, g1, _taps(weight, g1.dtype), dg1, B * L, L, D, K=k, DH=dh, BLOCK_M=block,
-                             FP32_DOT=_fp32_dot(g1.dtype), num_warps=4)
+                             FP32_DOT=_fp32_dot(g1.dtype), num_warps=warps)
     return dg1
 
 
@@ -137,13 +135,13 @@ def silu_gate_conv_weight_grad(dy: torch.Tensor, g1: torch.Tensor, d_head: int,
     """(d weight [D, dh, k], d bias [D]), both float32: d W_j = Σ_t silu(g1[t−(k−1)+j])ᵀ dy[t] per head."""
     dy, g1 = dy.contiguous(), g1.contiguous()
     B, L, D = g1.shape
-    heads, block = D // d_head, _block_m(d_head)
+    heads, (block, warps) = D // d_head, REDUCE_TILES[d_head]
     blocks = triton.cdiv(B * L, block)
     programs = _reduce_programs(g1.device, blocks, heads, kernel, d_head)
     dw = torch.empty(programs, heads, kernel, d_head, d_head, device=g1.device, dtype=torch.float32)
     db = torch.empty(programs, heads, d_head, device=g1.device, dtype=torch.float32)
     _weight_grad_kernel[(kernel, programs, heads)](dy, g1, dw, db, B * L, L, D, blocks, K=kernel, DH=d_head,
-                                                  BLOCK_M=block, FP32_DOT=_fp32_dot(g1.dtype), num_warps=4)
+                                                  BLOCK_M=block, FP32_DOT=_fp32_dot(g1.dtype), num_warps=warps)
     # partials [.., H, k, dh (c), dh (o)] → nn.Conv1d's [D (h, o), dh (c), k]
     dw = dw.sum(0).permute(0, 3, 2, 1).reshape(D, d_head, kernel)
     return dw, db.sum(0).reshape(D)
