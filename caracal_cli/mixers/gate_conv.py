@@ -11,7 +11,9 @@ shifted back by k−1−j (zero where the shift crosses the start of the row's o
 by a [dh, dh] weight tile on the tensor cores. The backward is two kernels: d g1 (the same product against the
 transposed taps, shifted forward and masked at the sequence's end, times silu'), and d weight / d bias as a
 deterministic reduction: persistent programs each sum a fixed set of row blocks into fp32 partials, which torch
-sums afterwards (no atomics).
+sums afterwards (no atomics). Bytes moved: the forward reads g1 and writes y; the backward reads dy and g1 twice
+and writes dg1 (≈ 0.7 GB at 65,536 tokens, d = 768 in bf16, ≈ 0.15 ms of HBM time on an H200). Each program also
+reads its head's k·dh² weights from L2: 1.5× its rows' bytes at dh = 64, 6× at dh = 128 (64 rows a program).
 
 `gate_conv_path` is the one place that picks the implementation; `silu_gate_conv_reference` (F.conv1d) is the
 exact reference and the path everywhere else. The kernels run inside custom operators (`caracal::silu_gate_conv`
@@ -83,7 +85,8 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 
 @torch.library.custom_op("caracal::silu_gate_conv", mutates_args=())
 def silu_gate_conv_fused(g1: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The forward kernel: g1 [B, L, D] (made contiguous), weight [D, dh, k], bias [D] or None."""
+    """The forward kernel on g1's device, any dtype (tests run it on CPU tensors in the interpreter): g1
+    [B, L, D] (made contiguous), weight [D, dh, k] with dh a power of two ≥ 16, bias [D] or None."""
     g1 = g1.contiguous()
     B, L, D = g1.shape
     _, dh, k = weight.shape
@@ -121,8 +124,9 @@ def _(dy, g1, weight):
 
 
 def _reduce_programs(device: torch.device, blocks: int, heads: int, k: int, d_head: int) -> int:
-    """Programs per head of the weight-gradient reduction: about REDUCE_PROGRAMS_PER_SM per SM in all, each
-    looping over many row blocks, with at most MAX_PARTIAL_BYTES of partials."""
+    """Programs per head (P) of the weight-gradient reduction: about REDUCE_PROGRAMS_PER_SM per SM in all
+    (P·H·k), each looping over many row blocks, with partials of P·H·k·dh²·4 ≤ MAX_PARTIAL_BYTES bytes (on an
+    H200 at D = 768, H = 12, k = 3: P = 8, 4.7 MB)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
     wanted = triton.cdiv(REDUCE_PROGRAMS_PER_SM * sms, heads * k)
     fits = MAX_PARTIAL_BYTES // (heads * k * d_head * d_head * 4)
