@@ -2,7 +2,7 @@
 compiled, and the module's kernels summed by kind (as scripts/profile_step.py sums a training step's).
 
     PYTHONPATH=$PWD python3 scripts/profile_mixer.py --d-model 768 --n-head 12 --lengths 512 2048 \
-        [--tokens 65536] [--set fused=off …] [--compile] [--json FILE]
+        [--tokens 65536] [--impls torch auto] [--parts module …] [--set key=value …] [--compile] [--json FILE]
 
 Parts: the whole module; its three linears alone; the FFT convolution alone; the pre-convolution with the
 LayerNorm; SiLU with the grouped gate convolution. bf16 autocast on CUDA, float32 on a CPU (a rough guide only).
@@ -42,7 +42,8 @@ def parts(mixer) -> dict:
         return mixer.gate_conv(F.silu(x))
 
     def conv(x):
-        return causal_fft_conv(x, x.detach().flip(1).requires_grad_(), mixer.cfg.fft_impl)
+        v = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+        return causal_fft_conv(v, v.detach().flip(1).requires_grad_(), mixer.cfg.fft_impl)
 
     return {"module": mixer, "linears": linears, "fft conv": conv, "pre-conv + norm": pre_norm,
             "silu + gate conv": gate}
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch = tokens / L)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="MHF key=value")
     ap.add_argument("--compile", action="store_true", help="also time each part under torch.compile")
+    ap.add_argument("--parts", nargs="+", default=None, help="only these parts (default: all)")
+    ap.add_argument("--impls", nargs="+", default=["auto"], help="MHF module_impl values to time, in one run")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -92,13 +95,16 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     raw = {"kind": "mhf", **{".".join(keys): value for keys, value in map(parse_override, args.overrides)}}
     model_cfg = ModelConfig(d_model=args.d_model, n_head=args.n_head)
-    mixer = build_mixer(raw, model_cfg, "mixer").to(device)
     rows = []
-    for length in args.lengths:
+    for impl, length in ((impl, length) for impl in args.impls for length in args.lengths):
+        torch.manual_seed(0)
+        mixer = build_mixer({**raw, "module_impl": impl}, model_cfg, "mixer").to(device)
         batch = max(1, args.tokens // length)
         x = torch.randn(batch, length, args.d_model, device=device, requires_grad=True)
         dy = torch.randn_like(x)
         for name, fn in parts(mixer).items():
+            if args.parts and name not in args.parts:
+                continue
             for compiled in (False, True) if args.compile else (False,):
                 run = torch.compile(fn) if compiled else fn
 
@@ -107,9 +113,9 @@ def main() -> None:
                         return run(x)
                 ms = time_ms(under_autocast, x, dy, args.repeats, sync)
                 kinds = kernels_by_kind(under_autocast, x, dy, sync, cuda) if name == "module" else {}
-                rows.append({"part": name, "length": length, "batch": batch, "compiled": compiled, "ms": ms,
+                rows.append({"part": name, "module_impl": impl, "length": length, "batch": batch, "compiled": compiled, "ms": ms,
                              "kernels_by_kind_ms": kinds})
-                print(f"L={length:6d} {'compiled' if compiled else 'eager':8s} {name:18s} {ms:8.2f} ms"
+                print(f"{impl:5s} L={length:6d} {'compiled' if compiled else 'eager':8s} {name:18s} {ms:8.2f} ms"
                       + ("   " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()) if kinds else ""),
                       flush=True)
             torch._dynamo.reset()

@@ -19,7 +19,7 @@ from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers.precision import autocast_off
-from caracal_cli.mixers import fftconv
+from caracal_cli.mixers import fftconv, gate_conv, pre_norm
 
 
 def causal_fft_conv(v: torch.Tensor, g: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -97,6 +97,10 @@ class MHF(nn.Module):
         # torch.fft on an H100 or H200), torch.fft elsewhere | torch: always the exact torch.fft path | fast:
         # the kernels or an error.
         fft_impl: str = "auto"
+        # What surrounds the convolution: auto: on CUDA in bf16/fp16, the pre-convolution with the LayerNorm and
+        # SiLU with the gate convolution as Triton kernels (`pre_norm.py`, `gate_conv.py`), the PyTorch
+        # composition elsewhere | torch: always the composition (the reference) | fast: the kernels or an error.
+        module_impl: str = "auto"
         # Cached decoding sums the current block of this many positions exactly and folds finished blocks by FFT
         # (see `init_cache`): per token O(decode_block·d) plus one FFT over the history per block.
         decode_block: int = 256
@@ -105,7 +109,8 @@ class MHF(nn.Module):
             require_positive(self, where, ("pre_kernel", "gate_kernel", "decode_block"))
             for key, allowed in (("gate", ("two_stage", "linear")), ("value_from", ("x", "x_norm")),
                                  ("scale", ("sqrt", "mean", "none")),
-                                 ("fft_impl", ("auto", "torch", "fast"))):
+                                 ("fft_impl", ("auto", "torch", "fast")),
+                                 ("module_impl", ("auto", "torch", "fast"))):
                 if getattr(self, key) not in allowed:
                     raise ConfigError(f"{where}.{key} must be one of {', '.join(allowed)}; "
                                       f"got {getattr(self, key)!r}")
@@ -125,7 +130,35 @@ class MHF(nn.Module):
         self.out.residual_projection = True  # scaled init (GPT-2)
 
     def path(self, device: torch.device) -> str:
-        return fftconv.path_label(device, self.cfg.fft_impl)
+        fused = {"pre_norm": "conv+LayerNorm", "gate": "SiLU+gate conv"}
+        kernels = [fused[part] for part in self.fused_parts(device, torch.bfloat16, quiet=True)]
+        module = f"triton {' and '.join(kernels)}" if kernels else "PyTorch composition"
+        return f"{fftconv.path_label(device, self.cfg.fft_impl)}; around it: {module}"
+
+    def fused_parts(self, device: torch.device, dtype: torch.dtype, quiet: bool = False) -> list[str]:
+        """Which of "pre_norm" and "gate" run as Triton kernels for inputs computed in `dtype` on `device`. The
+        one place that decides; module_impl=fast raises (unless `quiet`) where a part present cannot run."""
+        if self.cfg.module_impl == "torch":
+            return []
+        why = None
+        if device.type != "cuda":
+            why = "not a CUDA device"
+        elif not pre_norm.TRITON_AVAILABLE:
+            why = "triton is not installed"
+        elif dtype not in (torch.bfloat16, torch.float16):
+            why = f"{dtype} inputs (the PyTorch composition runs them)"
+        parts = []
+        if self.pre_conv is not None and why is None:
+            parts.append("pre_norm")
+        if self.gate_conv is not None and why is None:
+            d_head = self.gate_conv.conv.weight.shape[1]
+            if gate_conv.gate_conv_path(device, dtype, d_head) == "triton":
+                parts.append("gate")
+            else:
+                why = f"d_head={d_head} (the gate kernel needs a power of two in 16…128)"
+        if self.cfg.module_impl == "fast" and why is not None and not quiet:
+            raise RuntimeError(f"module_impl=fast cannot run here: {why}")
+        return parts
 
     def scale_factors(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
         """Per-position divisor of the causal sum at positions start..start+length−1, as [length, 1]."""
@@ -136,12 +169,34 @@ class MHF(nn.Module):
 
     def streams(self, x: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The value and gate streams x_v, x_G, each [B, L, D]."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        fused = [] if cache is not None else self.fused_parts(x.device, dtype)
+        if fused:
+            return self._fused_streams(x, dtype, fused)
         h = x if self.pre_conv is None else self.pre_conv(x, None if cache is None else cache["pre"])
         x_norm = self.norm(h)
         v = self.value(x if self.cfg.value_from == "x" else x_norm)
         g = self.gate_in(x_norm)
         if self.gate_conv is not None:
             g = self.gate_conv(F.silu(g), None if cache is None else cache["gate"])
+        return v, g
+
+    def _fused_streams(self, x: torch.Tensor, dtype: torch.dtype, fused: list[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`streams` with the kernels of `fused`: the first writes x_norm (and x, for the value stream) in the
+        compute dtype, the second the gate from Linear_G1's output."""
+        x_cast = None
+        if "pre_norm" in fused:
+            x_norm, x_cast = pre_norm.conv_layer_norm(x, self.pre_conv.conv.weight, self.norm.weight, self.norm.bias,
+                                                      self.norm.eps, dtype, emit_cast=self.cfg.value_from == "x")
+        else:
+            x_norm = self.norm(x)
+        v = self.value(x_norm if self.cfg.value_from == "x_norm" else x if x_cast is None else x_cast)
+        g = self.gate_in(x_norm)
+        if "gate" in fused:
+            g = gate_conv.silu_gate_conv(g, self.gate_conv.conv.weight, self.gate_conv.conv.bias)
+        elif self.gate_conv is not None:
+            g = self.gate_conv(F.silu(g))
         return v, g
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
