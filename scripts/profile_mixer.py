@@ -113,8 +113,8 @@ def main() -> None:
                         return run(x)
                 ms = time_ms(under_autocast, x, dy, args.repeats, sync)
                 kinds = kernels_by_kind(under_autocast, x, dy, sync, cuda) if name == "module" else {}
-                rows.append({"part": name, "module_impl": impl, "length": length, "batch": batch, "compiled": compiled, "ms": ms,
-                             "kernels_by_kind_ms": kinds})
+                rows.append({"part": name, "module_impl": impl, "length": length, "batch": batch,
+                             "compiled": compiled, "ms": ms, "kernels_by_kind_ms": kinds})
                 print(f"{impl:5s} L={length:6d} {'compiled' if compiled else 'eager':8s} {name:18s} {ms:8.2f} ms"
                       + ("   " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()) if kinds else ""),
                       flush=True)
