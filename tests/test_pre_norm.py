@@ -65,6 +65,10 @@ def test_causal_within_each_sequence():
 def test_one_operator_that_compiles_without_graph_breaks():
     x, w, gamma, beta = (t.detach().float().requires_grad_() for t in _inputs(2, 12, 16, 3))
     torch.library.opcheck(pre_norm.conv_layer_norm_op, (x, w.reshape(16, 3), gamma, beta, 1e-5, torch.float32, True))
+    _, _, mean, rstd = pre_norm.conv_layer_norm_op(x, w.reshape(16, 3), gamma, beta, 1e-5, torch.float32, True)
+    grads = (torch.randn_like(x), torch.randn_like(x))
+    saved = (t.detach() for t in (x, w.reshape(16, 3), gamma, mean, rstd))
+    torch.library.opcheck(pre_norm.conv_layer_norm_backward_op, (*grads, *saved))
 
     def stage(*args):
         x_norm, x_cast = pre_norm.conv_layer_norm(*args, 1e-5, torch.float32, True)

@@ -85,7 +85,7 @@ def conv_layer_norm_backward_op(d_norm: torch.Tensor, d_cast: torch.Tensor, x: t
         dh, conv_weight.contiguous(), d_cast.contiguous(), dx, B * L, L, D,
         K=k, BLOCK_M=rows, BLOCK_D=block_d, HAS_CAST=d_cast.numel() > 0, num_warps=warps)
     sums = partial.sum(0)  # [k + 2, D]: the taps, then γ, then β
-    return (dx, sums[:k].t().to(conv_weight.dtype, copy=True).reshape(conv_weight.shape),
+    return (dx, sums[:k].t().contiguous().to(conv_weight.dtype).reshape(conv_weight.shape),  # the fake's strides
             sums[k].to(norm_weight.dtype, copy=True), sums[k + 1].to(norm_weight.dtype, copy=True))
 
 
