@@ -727,7 +727,8 @@ def copy_bandwidth(device: torch.device, repeats: int = 10) -> dict[str, Any]:
 
 def mixer_specs() -> tuple[dict[str, dict], list[str]]:
     """The mixers to time alone (name → preset entry), and notes on those skipped."""
-    specs = {"mhf": {"kind": "mhf"}, "attention": {"kind": "attention"},
+    specs = {"mhf": {"kind": "mhf"}, "mhf-composition": {"kind": "mhf", "module_impl": "torch"},  # before/after
+             "attention": {"kind": "attention"},
              "swa-256": {"kind": "attention", "window": 256}}
     notes = []
     for kind in ("mamba", "mamba2"):  # the state-space mixers, when registered

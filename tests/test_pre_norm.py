@@ -137,5 +137,18 @@ def test_mhf_fused_path_choice(monkeypatch):
     assert build(n_head=8).fused_parts(cuda, torch.bfloat16) == ["pre_norm"]  # d_head 8: the gate conv in PyTorch
     with pytest.raises(RuntimeError, match="module_impl=fast"):
         build(module_impl="fast").fused_parts(cpu, torch.bfloat16)
-    assert "triton conv+LayerNorm and SiLU+gate conv" in build().path(cuda)
+    assert "triton conv+LayerNorm and SiLU+gate conv (eager" in build().path(cuda)
     assert "PyTorch composition" in build().path(cpu)
+
+
+def test_auto_leaves_a_compiled_module_to_inductor():
+    """Under torch.compile, auto takes the composition (Inductor fuses it, faster on an H200); fast keeps the
+    kernels."""
+    from caracal_cli.config import ModelConfig
+    from caracal_cli.mixers import build_mixer
+
+    for impl, parts in (("auto", 0), ("fast", 2)):
+        mixer = build_mixer({"kind": "mhf", "module_impl": impl}, ModelConfig(d_model=64, n_head=4), "m")
+        probe = lambda x, mixer=mixer: x + len(mixer.fused_parts(torch.device("cuda"), torch.bfloat16))  # noqa: E731
+        torch._dynamo.reset()
+        assert torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(1)).item() == parts, impl

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-PARTIAL_PROGRAMS = 128  # the backward's weight-gradient partials: [128, (k+2)·D] floats, a few MB at most
+# The backward's first kernel runs this many programs at most, each summing its rows' weight gradients into
+# partials of [(k+2), D] floats: 1024 of them fill every SM of an H100/H200 several times over (16 MB at d=768).
+PARTIAL_PROGRAMS = 1024
 
 
 def conv_layer_norm_reference(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor,

@@ -52,11 +52,12 @@ def test_gate_kernel_against_float64(d, heads):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fused_module_equals_the_composition_in_bf16(compiled):
-    """Same parameters: the fused module's output and gradients against module_impl=torch, under bf16
-    autocast (both round; the fused path rounds less: its convolution and norm run in float32)."""
+    """Same parameters: the fused module's output and gradients against module_impl=torch under bf16 autocast
+    (compiled: module_impl=fast, since auto leaves a compiled module to Inductor). Both round; the fused path
+    less: its convolution and norm run in float32."""
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=768, n_head=12)
-    fused = build_mixer({"kind": "mhf"}, cfg, "m").cuda()
+    fused = build_mixer({"kind": "mhf", "module_impl": "fast" if compiled else "auto"}, cfg, "m").cuda()
     reference = build_mixer({"kind": "mhf", "module_impl": "torch"}, cfg, "m").cuda()
     reference.load_state_dict(fused.state_dict())
     assert fused.fused_parts(torch.device("cuda"), torch.bfloat16) == ["pre_norm", "gate"]
