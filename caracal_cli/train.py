@@ -186,13 +186,22 @@ def torchrun_command(child_args: list[str], nproc_per_node: int, nnodes: int = 1
 
 def launch(cmd: list[str]) -> int:
     """Run torchrun and return its exit status. Ctrl-C reaches the workers directly (same process group);
-    they save a checkpoint and stop, so this process only waits; a SIGTERM is passed on. A worker that dies of
-    a fatal signal (a C++ abort, a segfault) prints every thread's Python stack first (faulthandler)."""
+    they save a checkpoint and stop, so this process only waits; a SIGTERM is passed on, and torchrun, which
+    passes it to the workers, ends with status 1 on it: 143 is returned then, as one process exits. A worker
+    that dies of a fatal signal (a C++ abort, a segfault) prints every thread's Python stack first
+    (faulthandler)."""
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONFAULTHANDLER": os.environ.get("PYTHONFAULTHANDLER", "1")})
+    terminated = []
+
+    def terminate(signum, frame):
+        terminated.append(signum)
+        proc.send_signal(signum)
+
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))}
+                signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 128 + signal.SIGTERM if terminated and code else code
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
