@@ -94,7 +94,8 @@ def launch_args(gpus: int) -> list[str]:
 
 
 def run_dir_of(args, preset: str, gpus: int) -> Path:
-    return args.out / f"{preset}-{args.mode}-{gpus}gpu"
+    """One GPU's run is the same in either mode: a DDP table and an FSDP2 one (with --reuse) share it."""
+    return args.out / (f"{preset}-1gpu" if gpus == 1 else f"{preset}-{args.mode}-{gpus}gpu")
 
 
 def command(args, preset: str, run_dir: Path, gpus: int, profile_steps: int = 0) -> list[str]:
