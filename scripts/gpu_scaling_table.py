@@ -8,8 +8,9 @@ difference to the one-GPU run over all steps. Medians of the logged steps after 
 
 --stop-at K also runs the largest GPU count again, sends it SIGTERM once step K is logged (it saves and stops, as
 under a scheduler), resumes it with --resume and reports its largest loss difference to the uninterrupted run.
---trace N records N steps of each multi-GPU run with torch.profiler (`caracal train --profile-steps`) and reports
-the share of NCCL kernel time that ran beside compute kernels: gradient reduction overlapping the backward.
+--trace N records N steps of each multi-GPU run with torch.profiler (`caracal train --profile-steps`; the medians
+barely notice a few slower steps) and reports the share of NCCL kernel time that ran beside compute kernels:
+gradient reduction overlapping the backward.
 GPU counts above torch.cuda.device_count() are left out (on --device cpu, gloo processes stand in for GPUs).
 """
 

@@ -52,7 +52,7 @@ TINY_SETS = ["model.d_model=64", "model.n_layer=3", "model.context=64", "model.v
 def scaling_table(tmp_path, data, *args: str) -> list[dict]:
     out = tmp_path / "table.json"
     run = subprocess.run([sys.executable, "scripts/gpu_scaling_table.py", "--presets", "demo", "--data", str(data),
-                          "--device", "cpu", "--micro-batch", "4", "--out", str(tmp_path / "runs"), "--json", str(out),
+                          "--device", "cpu", "--out", str(tmp_path / "runs"), "--json", str(out),
                           *args, *[a for s in TINY_SETS for a in ("--set", s)]], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
                                                       "OMP_NUM_THREADS": "1"})
@@ -69,7 +69,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_scaling_table_compares_two_processes_with_one_on_the_same_batches(tmp_path, data):
-    one, two = scaling_table(tmp_path, data, "--gpus", "1,2", "--steps", "4", "--trace", "1")
+    # 2 sequences per micro-step: one process accumulates 4, two processes 2 each (DDP's no_sync on the first)
+    one, two = scaling_table(tmp_path, data, "--gpus", "1,2", "--micro-batch", "2", "--steps", "4", "--trace", "1")
     assert (one["gpus"], one["mode"], two["gpus"], two["mode"]) == (1, "one", 2, "ddp")
     assert one["exit"] == two["exit"] == 0 and two["tokens_per_s_per_gpu"] == round(two["tokens_per_s"] / 2)
     assert two["efficiency_pct"] == pytest.approx(100 * two["tokens_per_s_per_gpu"] / one["tokens_per_s"], abs=0.1)
@@ -80,7 +81,7 @@ def test_scaling_table_compares_two_processes_with_one_on_the_same_batches(tmp_p
 
 
 def test_scaling_table_stops_two_processes_with_sigterm_and_resumes_them_exactly(tmp_path, data):
-    [row] = scaling_table(tmp_path, data, "--gpus", "2", "--steps", "40", "--stop-at", "2")
+    [row] = scaling_table(tmp_path, data, "--gpus", "2", "--micro-batch", "4", "--steps", "40", "--stop-at", "2")
     assert row["stop_exit"] == 143 and row["resume_exit"] == 0  # torchrun's own status 1 is reported as 143
     assert row["stopped_at"] < "step_00000040"
     assert row["resume_max_loss_diff"] == 0.0  # the same world size on CPU: bit for bit
