@@ -373,6 +373,9 @@ def train(
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Train on a dataset whose "
                                           "`caracal prepare` was stopped before the end (refused otherwise)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    profile_steps: int = typer.Option(0, "--profile-steps", min=0, help="Record a torch.profiler trace of N "
+                                      "steps after the first two in RUN/traces/rank<R>.json.gz (Chrome / "
+                                      "Perfetto): shows whether gradient reduction overlaps the backward."),
 ):
     """Pretrain a preset, on one process or under torchrun (resumable). Ctrl-C (or SIGTERM) finishes the
     step, saves a checkpoint and exits 130 (143); a second Ctrl-C stops at once, saving the last completed step.
@@ -422,6 +425,7 @@ def train(
         child += (["--tensorboard"] if tensorboard else []) + (["--compile"] if compile else [])
         child += ["--allow-incomplete"] if allow_incomplete else []
         child += ["--wandb"] if wandb else []
+        child += ["--profile-steps", str(profile_steps)] if profile_steps else []
         child += ["--threads", str(threads)]
         raise typer.Exit(trainer.launch(trainer.torchrun_command(child, nproc_per_node, nnodes, node_rank,
                                                                  rdzv_endpoint)))
@@ -429,7 +433,8 @@ def train(
     try:
         result = trainer.train(setup.config, setup.data_dir, setup.run_dir, max_steps=max_steps,
                                resume=setup.resume, device=device, tensorboard=tensorboard, peak_flops=peak_flops,
-                               compile=compile or None, allow_incomplete=allow_incomplete, wandb=wandb)
+                               compile=compile or None, allow_incomplete=allow_incomplete, wandb=wandb,
+                               profile_steps=profile_steps)
     except CaracalError:
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
             raise typer.Exit(1) from None

@@ -140,6 +140,11 @@ class TrainConfig:
     # torch.compile's mode when compiling: default | max-autotune-no-cudagraphs (autotunes the matmuls)
     compile_mode: str = "default"
     parallel: str = "ddp"  # ddp | fsdp
+    # Overlap of gradient reduction with backward (under torchrun): DDP all-reduces each bucket of this many MB as
+    # soon as backward has filled it (torch's default size); FSDP2 all-gathers this many blocks ahead of the one
+    # computing, in forward and backward (0: only FSDP2's own prefetch, one block in backward).
+    ddp_bucket_mb: int = 25
+    fsdp_prefetch: int = 1
     eval_every: int = 250
     eval_tokens: int = 1_048_576
     checkpoint_every: int = 1000
@@ -148,8 +153,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         require_positive(self, "train", ["tokens", "global_batch_tokens", "eval_every",
-                                  "eval_tokens", "checkpoint_every", "keep_checkpoints", "log_every"])
-        for name in ("warmup_tokens", "weight_decay", "grad_clip", "seed"):  # grad_clip 0: no clipping
+                                  "eval_tokens", "checkpoint_every", "keep_checkpoints", "log_every", "ddp_bucket_mb"])
+        for name in ("warmup_tokens", "weight_decay", "grad_clip", "seed", "fsdp_prefetch"):  # grad_clip 0: no clipping
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.micro_batch != "auto" and (isinstance(self.micro_batch, str) or self.micro_batch < 1):

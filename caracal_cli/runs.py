@@ -230,7 +230,8 @@ def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
 # and these), clipping, and how often the run evaluates, saves and logs. Anything else is refused with a reason.
 RESUMABLE = {"train.tokens", "train.lr", "train.min_lr_ratio", "train.warmup_tokens", "train.grad_clip",
              "train.eval_every", "train.eval_tokens", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.log_every", "train.compile", "train.compile_mode", "train.parallel", "description"}
+             "train.log_every", "train.compile", "train.compile_mode", "train.parallel", "train.ddp_bucket_mb",
+             "train.fsdp_prefetch", "description"}
 REFUSED = [
     ("model.", "it changes the model: the checkpoint's weights and optimizer state would not fit it"),
     ("data.", "a run's data is fixed (its batches are computed from the dataset, seed and step); --data DIR "

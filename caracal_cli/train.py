@@ -56,6 +56,7 @@ from caracal_cli.tokenizer import REFERENCE_FILE, TOKENIZER_FILE
 
 DATA_FILE = "data.json"  # in the run directory: the data directory and its manifest summary
 AUTOBATCH_FILE = "autobatch.json"  # in the run directory: how `train.micro_batch: auto` chose
+TRACE_DIR = "traces"  # in the run directory: `--profile-steps`' torch.profiler traces, one per rank
 
 
 class TrainError(CaracalError):
@@ -185,13 +186,22 @@ def torchrun_command(child_args: list[str], nproc_per_node: int, nnodes: int = 1
 
 def launch(cmd: list[str]) -> int:
     """Run torchrun and return its exit status. Ctrl-C reaches the workers directly (same process group);
-    they save a checkpoint and stop, so this process only waits; a SIGTERM is passed on. A worker that dies of
-    a fatal signal (a C++ abort, a segfault) prints every thread's Python stack first (faulthandler)."""
+    they save a checkpoint and stop, so this process only waits; a SIGTERM is passed on, and torchrun, which
+    passes it to the workers, ends with status 1 on it: 143 is returned then, as one process exits. A worker
+    that dies of a fatal signal (a C++ abort, a segfault) prints every thread's Python stack first
+    (faulthandler)."""
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONFAULTHANDLER": os.environ.get("PYTHONFAULTHANDLER", "1")})
+    terminated = []
+
+    def terminate(signum, frame):
+        terminated.append(signum)
+        proc.send_signal(signum)
+
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))}
+                signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 128 + signal.SIGTERM if terminated and code else code
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -409,6 +419,42 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+def shard_model(model: torch.nn.Module, prefetch: int) -> None:
+    """FSDP2 in place: each block is a unit whose weights are all-gathered just before it runs (and whose gradients
+    are reduce-scattered as soon as its backward ends), the embedding, final norm and head one root unit.
+    `prefetch` blocks ahead are all-gathered explicitly, so the all-gather overlaps the current block's compute
+    even when the CPU is not far ahead of the GPU. The last block keeps its weights after forward: backward
+    starts with it."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model)
+    if prefetch:  # else FSDP2's own order: one block ahead in backward, none in forward (an empty list stops it)
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
+
+
+@contextlib.contextmanager
+def step_profiler(steps: int, run_dir: Path, rank: int, device: torch.device):
+    """torch.profiler over `steps` optimizer steps after this session's first two (compilation, warm-up), written
+    to RUN/traces/rank{R}.json.gz (Chrome / Perfetto format) when they end or the run does. Yields the function to
+    call after each step; nothing is recorded at 0."""
+    if not steps:
+        yield lambda: None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    path = run_dir / TRACE_DIR / f"rank{rank}.json.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=lambda prof: prof.export_chrome_trace(str(path))) as prof:
+        yield prof.step
+
+
 def _grad_sync(model: torch.nn.Module, sync: bool, sharded: bool):
     """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on accumulation micro-steps."""
     if sharded:
@@ -422,12 +468,12 @@ def _grad_sync(model: torch.nn.Module, sync: bool, sharded: bool):
 def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Path, *, max_steps: int | None = None,
           resume: bool = False, device: str = "auto", tensorboard: bool = False, peak_flops: float | None = None,
           compile: bool | None = None, progress: bool | None = None, quiet: bool = False,
-          allow_incomplete: bool = False, wandb: bool = False) -> dict[str, Any]:
+          allow_incomplete: bool = False, wandb: bool = False, profile_steps: int = 0) -> dict[str, Any]:
     """Train `config` on the dataset in `data_dir`, writing `run_dir`; with `resume`, continue `run_dir` from
     its newest intact checkpoint with its saved config (`config` and `data_dir` may then be None; other data
     than the run's is refused). `max_steps` stops after that optimizer step (counted from the run's start).
     Under torchrun, every process calls this; rank 0 holds the run directory's lock while it runs. An
-    incomplete dataset is refused unless `allow_incomplete`.
+    incomplete dataset is refused unless `allow_incomplete`. `profile_steps` records a trace (`step_profiler`).
 
     Returns {run_dir, step, tokens, loss, val_loss, val_ppl, checkpoint, stopped_by, steps_run, elapsed,
     tokens_per_s, mfu}; tokens_per_s and mfu average this session's steps after the first (compilation)."""
@@ -469,7 +515,8 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
                       val_windows=ValidationWindows(data_dir, manifest, config.model.context, tc.eval_tokens),
                       tokenizer_files=_tokenizer_files(data_dir),
                       end_step=plan.total_steps if max_steps is None else min(plan.total_steps, max_steps),
-                      compile=compile, peak_flops=peak_flops, micro_batch_choice=choice)
+                      compile=compile, peak_flops=peak_flops, micro_batch_choice=choice,
+                      profile_steps=profile_steps)
             return _run(job, board, Console(ranks.main and not quiet, tc.log_every, job.end_step, progress))
         finally:
             if board is not None:
@@ -519,6 +566,7 @@ class Job:
     compile: bool
     peak_flops: float | None
     micro_batch_choice: AutoBatch | None = None
+    profile_steps: int = 0
 
 
 def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
@@ -544,18 +592,16 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
         for module in (model.blocks if sharded else [model]):
             module.compile(mode=tc.compile_mode)
     if sharded:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        shard_model(model, tc.fsdp_prefetch)
         train_model = model
     elif ranks.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         # No buffer needs syncing (RoPE's tables are computed alike on every rank): skip the per-step broadcast.
+        # Gradients are views into the all-reduce buckets: no copy between them, and no second gradient buffer.
         train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                              broadcast_buffers=False)
+                                              broadcast_buffers=False, bucket_cap_mb=tc.ddp_bucket_mb,
+                                              gradient_as_bucket_view=True)
     else:
         train_model = model
     optimizer = build_optimizer(model, tc, dev)
@@ -675,7 +721,8 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
     ahead: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     console.start(start_step, end_step)
     try:
-        with StopRequest(run_dir, console.enabled, can_save=ranks.world_size == 1) as stop:
+        with (StopRequest(run_dir, console.enabled, can_save=ranks.world_size == 1) as stop,
+              step_profiler(job.profile_steps, run_dir, ranks.rank, dev) as profiled_step):
             for step in range(start_step, end_step):
                 t0 = time.perf_counter()
                 lr = learning_rate(step, plan, tc)
@@ -740,6 +787,7 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
                     if board is not None:
                         board.write(record)
                 console.step(record, (end_step - state.step) * (step_time or dt))
+                profiled_step()
 
                 stopping = sigint > 0 or sigterm > 0
                 if state.step % tc.eval_every == 0 and state.step < end_step and not stopping:

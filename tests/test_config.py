@@ -20,6 +20,7 @@ def test_paper_recipe_is_the_default():
     m = load_preset("large").model
     assert (m.vocab_size, m.context, m.pattern, m.pos_emb) == (50257, 512, "FFA", "none")
     assert m.mixers["A"] == {"kind": "attention", "window": 256}
+    assert (t.ddp_bucket_mb, t.fsdp_prefetch) == (25, 1)  # gradient reduction overlaps backward under torchrun
 
 
 def test_medium_4k_is_the_second_table_setup():
@@ -67,6 +68,8 @@ def test_preset_from_a_yaml_path(tmp_path):
         (["model.pattern=FFX"], "pattern letter 'X'"),
         (["model.pos_emb=alibi"], "model.pos_emb must be one of"),
         (["train.compile_mode=fastest"], "train.compile_mode must be one of default, max-autotune-no-cudagraphs"),
+        (["train.ddp_bucket_mb=0"], "train.ddp_bucket_mb must be >= 1"),
+        (["train.fsdp_prefetch=-1"], "train.fsdp_prefetch must be >= 0"),
         (["nonsense"], "must look like key.path=value"),
     ],
 )

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,33 @@ def test_torchrun_ddp_on_cpu_matches_one_process(data, straight, tmp_path):
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)  # the global gradient's norm, averaged over ranks
 
 
+def test_two_nodes_on_one_machine_match_one_process(data, straight, tmp_path):
+    """Two torchrun groups over localhost, as two nodes of one GPU each would run (a static rendezvous at node 0's
+    address): the same losses as one process. Node 1 gets its own --out, as on a machine without a shared disk:
+    only global rank 0 writes the run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = [tmp_path / "node0", tmp_path / "node1"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "caracal_cli", "train", "--preset", "demo", "--data", str(data),
+                               "--out", str(runs[rank]), "--nnodes", "2", "--node-rank", str(rank),
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--nproc-per-node", "1", "--device", "cpu",
+                               "--max-steps", "4", *tiny_args()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in range(2)]
+    try:
+        streams = [node.communicate(timeout=120) for node in nodes]
+    finally:
+        for node in nodes:  # a node left waiting for a peer that failed
+            if node.poll() is None:
+                node.kill()
+    results = [subprocess.CompletedProcess(n.args, n.returncode, *out) for n, out in zip(nodes, streams, strict=True)]
+    for result in results:
+        assert result.returncode == 0, outputs(result)
+    assert "world size 2 (ddp)" in results[0].stdout
+    assert train_losses(runs[0]) == pytest.approx(train_losses(straight["run_dir"])[:4], rel=1e-4)
+    assert not runs[1].exists()
+
+
 def test_fsdp2_on_cpu_checkpoints_full_state_and_resumes(data, straight, tmp_path):
     run, launch = tmp_path / "fsdp", ["--nproc-per-node", "2", "--device", "cpu"]
     first = cli("train", "--preset", "demo", "--data", str(data), "--out", str(run), *launch, "--max-steps", "2",
@@ -426,6 +454,9 @@ def test_torchrun_command_relaunches_this_cli():
     assert cmd[-5:] == ["-m", "caracal_cli", "train", "--preset", "demo"]
     multi = train_module.torchrun_command(["train"], 8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500")
     assert "--node-rank=1" in multi and "--rdzv-endpoint=node0:29500" in multi
+    assert {"--nnodes=2", "--rdzv-backend=static"} <= set(multi) and "--standalone" not in multi
+    one_node = train_module.torchrun_command(["train"], 8, rdzv_endpoint="localhost:29400")
+    assert "--rdzv-backend=c10d" in one_node and "--node-rank=0" not in one_node
     with pytest.raises(CaracalError, match="--rdzv-endpoint"):
         train_module.torchrun_command(["train"], 8, nnodes=2)
 
