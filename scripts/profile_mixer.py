@@ -63,16 +63,24 @@ def time_ms(fn, x, dy, repeats: int, sync) -> float:
     return (time.perf_counter() - begin) / repeats * 1e3
 
 
-def kernels_by_kind(fn, x, dy, sync, cuda: bool) -> dict[str, float]:
+def kernels(fn, x, dy, sync, cuda: bool) -> dict[str, float]:
+    """GPU time of each kernel (by name, ms) in one forward + backward; empty on a CPU."""
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         x.grad = None
         fn(x).backward(dy)
         sync()
-    by_kind: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if cuda and event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation:
-            by_kind[kind_of(event.name)] += event.time_range.elapsed_us() / 1e3
-    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+            per_kernel[event.name] += event.time_range.elapsed_us() / 1e3
+    return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+
+
+def by_kind(per_kernel: dict[str, float]) -> dict[str, float]:
+    kinds: dict[str, float] = defaultdict(float)
+    for name, ms in per_kernel.items():
+        kinds[kind_of(name)] += ms
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -112,12 +120,16 @@ def main() -> None:
                     with torch.autocast(device.type, dtype=dtype, enabled=cuda):
                         return run(x)
                 ms = time_ms(under_autocast, x, dy, args.repeats, sync)
-                kinds = kernels_by_kind(under_autocast, x, dy, sync, cuda) if name == "module" else {}
+                per_kernel = kernels(under_autocast, x, dy, sync, cuda) if name == "module" else {}
+                kinds = by_kind(per_kernel)
                 rows.append({"part": name, "module_impl": impl, "length": length, "batch": batch,
-                             "compiled": compiled, "ms": ms, "kernels_by_kind_ms": kinds})
+                             "compiled": compiled, "ms": ms, "kernel_ms": sum(per_kernel.values()),
+                             "kernels_by_kind_ms": kinds, "top_kernels_ms": dict(list(per_kernel.items())[:12])})
                 print(f"{impl:5s} L={length:6d} {'compiled' if compiled else 'eager':8s} {name:18s} {ms:8.2f} ms"
-                      + ("   " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()) if kinds else ""),
-                      flush=True)
+                      + (f"   kernels {sum(per_kernel.values()):.2f} ms: " + ", ".join(
+                          f"{k} {v:.2f}" for k, v in kinds.items()) if kinds else ""), flush=True)
+                for kernel, kernel_ms in list(per_kernel.items())[:8]:
+                    print(f"{'':40s}{kernel_ms:7.3f} ms  {kernel[:80]}")
             torch._dynamo.reset()
     report = {"d_model": args.d_model, "n_head": args.n_head, "tokens": args.tokens, "overrides": args.overrides,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": rows}
