@@ -11,6 +11,8 @@
 #                                           # autotune at every new shape: Mamba-2 takes ~4 minutes)
 #   MODELS="llama caracal swh" bash scripts/gpu_acceptance.sh decode   # the CUDA-graph decoding tests, then
 #                                           # decode points (eager and graph, batch 1 and 64) per model, merged
+#   bash scripts/gpu_acceptance.sh mhf      # the fused MHF kernels: GPU tests, the module alone (composition /
+#                                           # auto / fast, eager and compiled), caracal vs llama vs the composition
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
 #   bash scripts/gpu_acceptance.sh mfu      # profiles of llama-tiny and tiny at micro-batch 32/64, compile modes
 #   bash scripts/gpu_acceptance.sh trainer-mfu  # caracal train's own wall-clock MFU, llama-tiny and tiny, the
@@ -25,7 +27,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|train|mfu|trainer-mfu|loss|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|mhf|train|mfu|trainer-mfu|loss|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 mkdir -p "$WORK"
 collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
@@ -114,6 +116,26 @@ decode)
     collect "$WORK"/{gputests_decode,decode_merged,status}.log "$WORK/decode.json"
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$WORK/gputests_decode.log" | tail -n 20
     cat "$WORK/decode_merged.log"
+    ;;
+mhf)
+    # Issue 21: the fused MHF kernels' GPU tests; the module alone with the composition, the kernels where auto
+    # puts them, and the kernels everywhere (fast), eager and compiled, kernels by name; then caracal vs llama at
+    # small with the composition as a third model (a preset file), eager and compiled, one run each.
+    step gputests_mhf 150 python3 -m pytest -v -rs -p no:cacheprovider -m gpu tests/gpu/test_mhf_fused.py
+    step profile_mixer 200 python3 scripts/profile_mixer.py --d-model 768 --n-head 12 --lengths 512 2048 --compile \
+        --impls torch auto fast --parts module --json "$WORK/profile_mixer.json"
+    printf 'inherit: small\nmodel: {mixers: {F: {kind: mhf, module_impl: torch}, A: {kind: attention, window: 256}}}\n' > "$WORK/caracal-composition.yaml"
+    for flag in "" --compile; do
+        name=speed_mhf${flag:+_compiled}
+        step "$name" "${LIMIT:-240}" "${CARACAL[@]}" speed --size small --models "caracal,llama,$WORK/caracal-composition.yaml" \
+            --lengths "${LENGTHS:-512,2048,8192}" $flag --out "$WORK/$name"
+        cp "$WORK/$name/speed.json" "$WORK/$name.json" 2>/dev/null
+    done
+    collect "$WORK"/{gputests_mhf,profile_mixer,speed_mhf,speed_mhf_compiled,status}.log "$WORK"/profile_mixer.json \
+        "$WORK"/speed_mhf.json "$WORK"/speed_mhf_compiled.json
+    grep -E "passed|failed" "$WORK/gputests_mhf.log" | tail -n 3
+    grep -vE "^ {40}" "$WORK/profile_mixer.log" | grep -E "^(torch|auto|fast)"
+    grep -E "train L=|ratio" "$WORK/speed_mhf.log" "$WORK/speed_mhf_compiled.log"
     ;;
 train)
     step train_compare 420 env TOKENS=${TOKENS:-26214400} RUNS=/tmp/compare bash scripts/gpu_train_compare.sh
