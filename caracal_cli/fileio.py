@@ -92,6 +92,36 @@ def _read_owner(path: Path) -> dict[str, Any]:
     return {}
 
 
+def check_not_being_written(directory: str | Path, what: str = "dataset") -> None:
+    """Refuse to read `directory` while a live process holds its DirectoryLock (half-written files), naming the
+    writer in a LockError. Needs no write permission: the lock file is opened read-only (flock works on such a
+    descriptor) and a shared lock is tried and dropped at once. A lock file no process holds is no obstacle."""
+    import fcntl
+
+    path = Path(directory) / LOCK_FILE
+    while True:
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 (closed below, which drops the shared lock)
+        except OSError:  # no lock file: no writer (a missing or unreadable directory is the reader's to report)
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_owner(path)
+                held = _owner_line(owner) if owner else "another process"
+                raise LockError(f"{what} {directory} is being written by {held}; wait for it or use another "
+                                f"{what}") from None
+            except OSError:  # a file system without flock: nothing to learn
+                return
+            try:
+                if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                    return
+            except FileNotFoundError:  # its writer finished between our open and our lock
+                return
+        # else a new writer replaced the file between our open and our lock: look at its file
+
+
 class DirectoryLock:
     """An advisory lock (flock) on DIR/.caracal.lock, held while one process writes a run or dataset directory.
 

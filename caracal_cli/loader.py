@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from caracal_cli.config import CaracalError
+from caracal_cli.fileio import check_not_being_written
 from caracal_cli.shards import ShardError, check_max_ids, check_vocab_fits, load_manifest, split_tokens
 
 
@@ -30,7 +31,9 @@ class DataError(CaracalError):
 def open_dataset(data_dir: str | Path, vocab_size: int, allow_incomplete: bool = False) -> dict[str, Any]:
     """The dataset's manifest, after checking that it is complete (unless `allow_incomplete`), that its
     tokenizer fits a model of `vocab_size` ids, and that no shard holds an id outside the tokenizer's
-    vocabulary (the largest id of each shard, as the manifest records it)."""
+    vocabulary (the largest id of each shard, as the manifest records it). A dataset `caracal prepare` is
+    writing now is refused, naming that process."""
+    check_not_being_written(data_dir, "dataset")
     manifest = load_manifest(data_dir)
     if manifest.get("complete") is False and not allow_incomplete:
         held = sum(e["tokens"] for entries in manifest["splits"].values() for e in entries)

@@ -49,7 +49,7 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from caracal_cli.fileio import LOCK_FILE, DirectoryLock, sha256_file
+from caracal_cli.fileio import LOCK_FILE, DirectoryLock, check_not_being_written, sha256_file
 from caracal_cli.shards import (DTYPES, MANIFEST, MANIFEST_FORMAT, ShardError, check_vocab_fits, load_manifest,
                                 save_manifest, shard_max_id, shard_name, verify_dataset, version_for_vocab,
                                 write_shard)
@@ -791,9 +791,28 @@ def prepare(source: Source, out: str | Path, *, tokenizer: str = "gpt2", train_t
         "source": {"kind": source.kind, "args": source.args}, "tokenizer": token_setting,
         "shard_tokens": shard_tokens, "val": val, "max_tokens": max_tokens}))
 
+    if not overwrite and (manifest := _complete_already(out, settings, vocab_limit)) is not None:
+        return PrepareResult(out, manifest, "complete", 0, 0.0)
     with DirectoryLock(out, "dataset directory"):  # one writer per dataset
         return _prepare_locked(source, out, settings, val, tok, train_tokenizer=train_tokenizer, num_proc=num_proc,
                                vocab_limit=vocab_limit, overwrite=overwrite, command=command, progress=progress)
+
+
+def _complete_already(out: Path, settings: dict, vocab_limit: int | None) -> dict | None:
+    """The verified manifest when `out` holds a complete dataset of these `settings` that needs no write (its
+    manifest records every shard's max_id); else None. Only reads, without the lock: a re-run on a read-only
+    copy of a finished dataset succeeds."""
+    if not (out / MANIFEST).is_file():
+        return None
+    check_not_being_written(out, "dataset")
+    existing = load_manifest(out, check_shards=False)
+    entries = [e for split in existing["splits"].values() for e in split]
+    if existing.get("settings") != settings or not existing.get("complete") or any("max_id" not in e for e in entries):
+        return None  # the locked path resumes it, records the max_ids, or names the other command
+    manifest = verify_dataset(out)
+    if vocab_limit is not None:
+        check_vocab_fits(manifest, vocab_limit)
+    return manifest
 
 
 def _prepare_locked(source: Source, out: Path, settings: dict, val: dict, tok: Tokenizer | None, *,

@@ -4,6 +4,7 @@ the last test kills training at seeded random points and checks that resuming en
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from caracal_cli import train as train_module
 from caracal_cli.checkpoint import CheckpointError, intact_checkpoint, latest_checkpoint, resolve_checkpoint
 from caracal_cli.cli import app
 from caracal_cli.config import ConfigError, load_preset
-from caracal_cli.fileio import LOCK_FILE, DirectoryLock, sha256_file
+from caracal_cli.fileio import LOCK_FILE, DirectoryLock, LockError, sha256_file
 from caracal_cli.loader import DataError, TrainBatches, open_dataset
 from caracal_cli.monitor import MetricsLog, read_metrics
 from caracal_cli.train import train
@@ -114,6 +115,83 @@ def test_2_a_second_preparer_on_a_dataset_directory_fails_naming_the_holder(tmp_
     result = runner.invoke(app, ["prepare", "files", str(corpus), "-o", str(out), "--shard-tokens", "100"])
     assert result.exit_code == 0, result.output
     assert not (out / LOCK_FILE).exists()
+
+
+def prepared(tmp_path: Path) -> tuple[list[str], Path]:
+    """A finished `caracal prepare files` run: (its command's arguments, its dataset directory)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 50)
+    out = tmp_path / "out"
+    args = ["prepare", "files", str(corpus), "-o", str(out), "--shard-tokens", "100"]
+    assert runner.invoke(app, args).exit_code == 0
+    return args, out
+
+
+def mark_incomplete(dataset: Path) -> None:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    (dataset / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+
+
+def test_prepare_again_on_a_complete_dataset_takes_no_lock(tmp_path, monkeypatch):
+    args, out = prepared(tmp_path)
+
+    def read_only(lock):  # what DirectoryLock.acquire raises in a read-only directory
+        raise LockError(f"cannot write to dataset directory {out} ({out / LOCK_FILE}: Read-only file system)")
+
+    monkeypatch.setattr(DirectoryLock, "acquire", read_only)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "already complete (checksums verified)" in " ".join(result.output.split())
+    mark_incomplete(out)  # a dataset to finish needs the lock: the error names the directory
+    one_line_error(runner.invoke(app, args), f"cannot write to dataset directory {out}")
+    one_line_error(runner.invoke(app, [*args[:-1], "50"]), f"cannot write to dataset directory {out}")
+
+
+def run_read_only(directory: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`argv` run with `directory` read-only: a read-only bind mount in a mount namespace of its own as root
+    (who ignores file modes), its files' modes otherwise."""
+    if os.geteuid() == 0:
+        argv = ("unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(directory), *argv)
+    else:
+        for path in [directory, *directory.iterdir()]:
+            path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        for path in [directory, *directory.iterdir()]:
+            path.chmod(path.stat().st_mode | 0o200)
+
+
+def test_prepare_again_on_a_complete_read_only_dataset_reports_it_complete(tmp_path):
+    args, out = prepared(tmp_path)
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 999_999_999, "host": "elsewhere", "command": "caracal prepare"}))
+    if os.geteuid() == 0 and run_read_only(out, "touch", str(out / "probe")).returncode != 1:
+        pytest.skip("cannot make a read-only bind mount here (unshare -m and mount --bind need CAP_SYS_ADMIN)")
+    caracal = [sys.executable, "-m", "caracal_cli"]
+    result = run_read_only(out, *caracal, *args)
+    assert result.returncode == 0 and "already complete" in result.stdout, result.stdout + result.stderr
+    mark_incomplete(out)
+    result = run_read_only(out, *caracal, *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert f"cannot write to dataset directory {out}" in (result.stdout + result.stderr).replace("\n", "")
+
+
+def test_training_refuses_a_dataset_being_written_and_names_the_writer(data, tmp_path):
+    dataset = Path(shutil.copytree(data, tmp_path / "data"))
+    run = tmp_path / "run"
+    args = ["train", "--preset", "demo", "--data", str(dataset), "--out", str(run), "--device", "cpu",
+            "--max-steps", "1", *tiny_args()]
+    writer = {"pid": os.getpid(), "host": "here", "command": "caracal prepare files c.txt -o data"}
+    with open(dataset / LOCK_FILE, "w") as held:  # an open file description of its own: flock conflicts in-process
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(json.dumps(writer) + "\n")
+        held.flush()
+        result = runner.invoke(app, args)
+        one_line_error(result, f"dataset {dataset} is being written by pid {os.getpid()} on here (caracal prepare "
+                               f"files c.txt -o data); wait for it or use another dataset")
+        assert not run.exists()
+    result = runner.invoke(app, args)  # the writer gone, its lock file left behind: no obstacle to a reader
+    assert result.exit_code == 0, result.output
+    assert json.loads((dataset / LOCK_FILE).read_text()) == writer  # a reader changes nothing
 
 
 # --- 3, 6, 7: metrics.jsonl and leftovers ---------------------------------------------------------------
