@@ -147,6 +147,17 @@ def _split(text: str, option: str) -> list[str]:
     return items
 
 
+def _positive_ints(text: str, option: str) -> list[int]:
+    """A comma-separated list of positive integers, or a SpeedError naming the option."""
+    try:
+        values = [int(item) for item in _split(text, option)]
+    except ValueError:
+        raise SpeedError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise SpeedError(f"{option} must be positive, got {text}")
+    return values
+
+
 def parse_settings(models: str | None = None, size: str | None = None, lengths: str | None = None,
                    tokens_per_step: int | None = None, mode: str = "train", dtype: str | None = None,
                    compile: bool = False, repeats: int | None = None, warmup: int = 2, device: str = "auto",
@@ -173,14 +184,7 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
                              f"preset YAML)")
     if size not in SIZES:
         raise SpeedError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
-    length_list = list(DEFAULT_LENGTHS)
-    if lengths is not None:
-        try:
-            length_list = [int(item) for item in _split(lengths, "--lengths")]
-        except ValueError:
-            raise SpeedError(f"--lengths must be comma-separated integers, got {lengths!r}") from None
-    if any(length < 1 for length in length_list):
-        raise SpeedError(f"--lengths must be positive, got {lengths}")
+    length_list = list(DEFAULT_LENGTHS) if lengths is None else _positive_ints(lengths, "--lengths")
     modes = list(MODES) if mode == "all" else _split(mode, "--mode")
     for item in modes:
         if item not in MODES:
@@ -204,12 +208,7 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
             raise SpeedError(f"unknown --decode-impl {impl!r} (known: {', '.join(DECODE_IMPLS)}, both)")
     if "graph" in impls and not device.startswith("cuda"):
         raise SpeedError(f"--decode-impl graph replays CUDA graphs; the device is {device}")
-    try:
-        batches = [int(item) for item in _split(decode_batch, "--decode-batch")]
-    except ValueError:
-        raise SpeedError(f"--decode-batch must be comma-separated integers, got {decode_batch!r}") from None
-    if any(batch < 1 for batch in batches):
-        raise SpeedError(f"--decode-batch must be positive, got {decode_batch}")
+    batches = _positive_ints(decode_batch, "--decode-batch")
     return SpeedSettings(model_list, size, length_list, tokens_per_step, modes, dtype, compile, repeats, warmup,
                          device, decode_tokens, mixers, list(overrides),
                          device.startswith("cuda") if isolate is None else isolate, list(dict.fromkeys(impls)),
