@@ -172,36 +172,24 @@ class MHF(nn.Module):
         return (count.sqrt() if self.cfg.scale == "sqrt" else count).unsqueeze(1)
 
     def streams(self, x: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The value and gate streams x_v, x_G, each [B, L, D]."""
+        """The value and gate streams x_v, x_G, each [B, L, D]; each stage through its kernel where
+        `fused_parts` says so (the first also writes x in the compute dtype, for the value stream)."""
         cuda = x.device.type == "cuda"  # (autocast queries fail on the meta device, where estimates run)
         dtype = torch.get_autocast_dtype("cuda") if cuda and torch.is_autocast_enabled("cuda") else x.dtype
         fused = [] if cache is not None else self.fused_parts(x.device, dtype)
-        if fused:
-            return self._fused_streams(x, dtype, fused)
-        h = x if self.pre_conv is None else self.pre_conv(x, None if cache is None else cache["pre"])
-        x_norm = self.norm(h)
-        v = self.value(x if self.cfg.value_from == "x" else x_norm)
-        g = self.gate_in(x_norm)
-        if self.gate_conv is not None:
-            g = self.gate_conv(F.silu(g), None if cache is None else cache["gate"])
-        return v, g
-
-    def _fused_streams(self, x: torch.Tensor, dtype: torch.dtype, fused: list[str]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`streams` with the kernels of `fused`: the first writes x_norm (and x, for the value stream) in the
-        compute dtype, the second the gate from Linear_G1's output."""
         x_cast = None
         if "pre_norm" in fused:
             x_norm, x_cast = pre_norm.conv_layer_norm(x, self.pre_conv.conv.weight, self.norm.weight, self.norm.bias,
                                                       self.norm.eps, dtype, emit_cast=self.cfg.value_from == "x")
         else:
-            x_norm = self.norm(x)
+            h = x if self.pre_conv is None else self.pre_conv(x, None if cache is None else cache["pre"])
+            x_norm = self.norm(h)
         v = self.value(x_norm if self.cfg.value_from == "x_norm" else x if x_cast is None else x_cast)
         g = self.gate_in(x_norm)
         if "gate" in fused:
             g = gate_conv.silu_gate_conv(g, self.gate_conv.conv.weight, self.gate_conv.conv.bias)
         elif self.gate_conv is not None:
-            g = self.gate_conv(F.silu(g))
+            g = self.gate_conv(F.silu(g), None if cache is None else cache["gate"])
         return v, g
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
