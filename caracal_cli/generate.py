@@ -50,6 +50,7 @@ class Decoder:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.autocast = None if autocast == torch.float32 else autocast
         self.prefill_chunk, self.keep = prefill_chunk, keep
+        self._cast = _CastLinears(model, self.autocast) if self.graphs and self.autocast else None
         self._slots: dict[tuple[int, int], _Slot] = {}
         self.slot: _Slot | None = None
         self.pos = 0  # the host's copy of the position the next step writes
@@ -68,6 +69,8 @@ class Decoder:
         length = length or bucket_length(T + max_new_tokens)
         if T + max_new_tokens > length:
             raise ValueError(f"{T} prompt + {max_new_tokens} new tokens do not fit caches of {length} positions")
+        if self._cast is not None:
+            self._cast.refresh()  # the weights may have changed since the last prompt (samples during training)
         self.slot = self._slot(batch, length)
         reset_caches(self.slot.caches)
         chunk = self.prefill_chunk or T
@@ -115,16 +118,48 @@ class Decoder:
         slot.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), self._autocast():
+        swapped = self._cast.swapped if self._cast is not None else contextlib.nullcontext
+        with torch.cuda.stream(stream), self._autocast(), swapped():
             for pos in range(2):
                 self.model.prepare_step(slot.caches, pos)
                 self.model.decode_step(slot.tokens, slot.caches)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         reset_caches(slot.caches)
         slot.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(slot.graph), self._autocast(capturing=True):
+        with torch.cuda.graph(slot.graph), self._autocast(capturing=True), swapped():
             slot.logits = self.model.decode_step(slot.tokens, slot.caches)
         reset_caches(slot.caches)
+
+
+class _CastLinears:
+    """16-bit copies of the model's Linear weights for captured steps. Autocast casts a Linear's fp32 weight
+    on every call, and inside a graph it cannot cache the cast: each step would read the fp32 weights and write
+    and read a 16-bit copy again (more bytes than the step's own work on a small model, and one more kernel per
+    Linear). The graph instead captures these copies, which give the same products, since autocast rounds the
+    weight to the same dtype. The model keeps its own weights; `refresh` updates the copies in place (the
+    graphs hold their addresses). Weights tied to an embedding stay as they are (its output is not cast)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        self.weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)
+                        and m.weight.dtype != dtype and m.weight.is_floating_point() and id(m.weight) not in embedded]
+        self.copies = [w.detach().to(dtype) for w in self.weights]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for weight, copy in zip(self.weights, self.copies, strict=True):
+            copy.copy_(weight)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        originals = [w.data for w in self.weights]
+        try:
+            for weight, copy in zip(self.weights, self.copies, strict=True):
+                weight.data = copy
+            yield
+        finally:
+            for weight, original in zip(self.weights, originals, strict=True):
+                weight.data = original
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Cached generation for every model family, sampling filters, and `caracal generate`."""
 
+import contextlib
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -7,7 +8,7 @@ from typer.testing import CliRunner
 from caracal_cli.checkpoint import model_state, save_checkpoint, save_run_config
 from caracal_cli.cli import app
 from caracal_cli.config import list_presets, load_preset
-from caracal_cli.generate import Decoder, bucket_length, filter_logits, generate_ids
+from caracal_cli.generate import Decoder, _CastLinears, bucket_length, filter_logits, generate_ids
 from caracal_cli.model import build_model
 from caracal_cli.tokenizer import train_bpe
 
@@ -44,6 +45,38 @@ def test_decode_step_reads_nothing_back_to_the_host(preset):
     with torch.inference_mode():
         logits = model.decode_step(torch.zeros(2, 1, dtype=torch.long, device="meta"), caches)
     assert logits.shape == (2, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_sixteen_bit_linear_copies_give_autocasts_products(preset):
+    """What the graph path captures instead of autocast's per-step casts: bf16 copies of the Linear weights give
+    the same logits, bit for bit, under bf16 autocast; the model's own weights are back afterwards, tied ones
+    untouched; `refresh` follows a change of the weights."""
+    torch.manual_seed(0)
+    model = build_model(load_preset(preset, ["model.vocab_size=101"]).model).eval()
+    cast = _CastLinears(model, torch.bfloat16)
+    assert cast.weights and all(c.dtype == torch.bfloat16 for c in cast.copies)
+    assert all(w is not model.embed.weight for w in cast.weights)
+    ids = torch.randint(0, 101, (2, 9))
+
+    def decode(swap: bool) -> torch.Tensor:
+        caches = model.init_caches(2, 16, torch.device("cpu"), torch.bfloat16)
+        out = []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            for t in range(ids.shape[1]):
+                model.prepare_step(caches, t)
+                with cast.swapped() if swap else contextlib.nullcontext():
+                    assert cast.weights[0].dtype == (torch.bfloat16 if swap else torch.float32)
+                    out.append(model.decode_step(ids[:, t:t + 1], caches).float())
+        return torch.stack(out, 1)
+
+    assert torch.equal(decode(True), decode(False))
+    assert all(w.dtype == torch.float32 for w in cast.weights)
+    with torch.no_grad():
+        cast.weights[0].mul_(2)
+    cast.refresh()
+    assert torch.equal(cast.copies[0], cast.weights[0].to(torch.bfloat16))
+    assert torch.equal(decode(True), decode(False))
 
 
 def test_buckets_and_decoder_errors():

@@ -19,7 +19,7 @@ from torch import nn
 
 from caracal_cli.config import ConfigError, ModelConfig, require_positive
 from caracal_cli.mixers.precision import autocast_off
-from caracal_cli.mixers import fftconv, gate_conv, pre_norm
+from caracal_cli.mixers import decode_sum, fftconv, gate_conv, pre_norm
 
 
 def causal_fft_conv(v: torch.Tensor, g: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -101,7 +101,8 @@ class MHF(nn.Module):
         # and SiLU with the gate convolution as Triton kernels (`pre_norm.py`, `gate_conv.py`); under torch.compile
         # and elsewhere the PyTorch composition, which Inductor fuses (on an H200 at d=768, 65,536 tokens, fwd+bwd:
         # eager 10.2 → 6.3 ms with the kernels; compiled 5.2 ms without, 6.1 with) | torch: always the
-        # composition (the reference) | fast: the kernels, compiled or not, or an error.
+        # composition (the reference) | fast: the kernels, compiled or not, or an error. Cached decoding sums
+        # each block with `decode_sum.py`'s kernel on CUDA unless this is torch.
         module_impl: str = "auto"
         # Cached decoding sums the current block of this many positions exactly and folds finished blocks by FFT
         # (see `init_cache`): per token O(decode_block·d) plus one FFT over the history per block.
@@ -262,23 +263,15 @@ class MHF(nn.Module):
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token x [B, 1, D] at position t = cache["pos"], after `prepare_step(cache, t)`: the current block's
-        pairs summed exactly, plus the fold. Static shapes and no host sync, so a CUDA graph can hold it. The
-        streams after t are still zero (caches start empty and are filled in order), so the S − 1 − (t − c)
-        slots of the block not yet reached add nothing, without a mask."""
-        pos, folded = cache["pos"], cache["folded"]
-        S, work = folded.shape[1], folded.dtype
+        pairs summed exactly, plus the fold (`decode_sum.py`: a Triton kernel on CUDA unless module_impl=torch,
+        else the PyTorch reference). Static shapes and no host sync, so a CUDA graph can hold it."""
+        pos = cache["pos"]
         v, g = self.streams(x, cache)
         cache["v"].index_copy_(1, pos.view(1), v.to(cache["v"].dtype))
         cache["g"].index_copy_(1, pos.view(1), g.to(cache["g"].dtype))
-        offset = pos % S
-        i = torch.arange(S, device=x.device)
-        index = torch.cat([pos - offset + i, (offset - i).clamp(min=0)])  # block c…c+S−1, then lags t−c…t−c−S+1
-        hv = cache["v"].index_select(1, index).to(work)  # [B, 2S, d]
-        hg = cache["g"].index_select(1, index).to(work)
-        y = hv[:, :S] * hg[:, S:] + (pos >= S).to(work) * hg[:, :S] * hv[:, S:]  # j ≥ c; k ≥ c (one of them if c = 0)
-        y = y.sum(1, keepdim=True) + folded.index_select(1, offset.view(1))  # [B, 1, d]
-        count = (pos + 1).to(work)
-        y = y / count.sqrt() if self.cfg.scale == "sqrt" else y / count if self.cfg.scale == "mean" else y
+        args = (cache["v"], cache["g"], cache["folded"], pos, self.cfg.scale)
+        use_kernel = self.cfg.module_impl != "torch" and not torch.compiler.is_compiling()
+        y = decode_sum.block_sum(*args) if use_kernel else decode_sum.block_sum_reference(*args)
         cache["pos"].add_(1)
         return self.out(y.to(v.dtype))
 
