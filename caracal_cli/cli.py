@@ -716,8 +716,10 @@ def speed(
                                           show_default="5; 3 on a CPU"),
     warmup: int = typer.Option(2, help="Untimed runs before them."),
     decode_tokens: int = typer.Option(32, help="Cached one-token steps timed per decode run."),
-    decode_impl: Optional[str] = typer.Option(None, help="Decoding paths: eager, graph (the step replayed as a "
-                                              "CUDA graph), or both (default: both on CUDA, eager on CPU)."),
+    decode_impl: Optional[str] = typer.Option(None, help="Decoding paths, comma-separated: eager, graph (the "
+                                              "step replayed as a CUDA graph), compiled (the step compiled by "
+                                              "Inductor, then a CUDA graph on CUDA), or both (eager and graph; the "
+                                              "default on CUDA, eager on CPU)."),
     decode_batch: str = typer.Option("1,64", help="Comma-separated decode batch sizes (sequences per step)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: runs/speed-<timestamp>)."),

@@ -37,11 +37,14 @@ class Decoder:
     `model.decode_step`, captured once per (batch, cache length) and reused across tokens and prompts; without,
     the same step runs eagerly (the reference, and the CPU path). A graph step's logits are a static buffer
     that the next step overwrites. `autocast`: the dtype the model runs under (16-bit caches with it); the
-    `keep` most recently used (batch, length) caches are kept, with their graphs."""
+    `keep` most recently used (batch, length) caches are kept, with their graphs. `compile_step`: the step is
+    compiled by Inductor first (its norms, residuals and elementwise work fused into fewer kernels; a graph then
+    holds the compiled kernels), at the cost of a compilation per (batch, cache length)."""
 
     def __init__(self, model, graphs: bool | None = None, autocast: torch.dtype | None = None,
-                 prefill_chunk: int | None = None, keep: int = 2):
+                 prefill_chunk: int | None = None, keep: int = 2, compile_step: bool = False):
         self.model = model
+        self._decode_step = torch.compile(model.decode_step, dynamic=False) if compile_step else model.decode_step
         self.device = next(model.parameters()).device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
@@ -95,7 +98,7 @@ class Decoder:
             logits = slot.logits
         else:
             with self._autocast():
-                logits = self.model.decode_step(tokens.view(-1, 1), slot.caches)
+                logits = self._decode_step(tokens.view(-1, 1), slot.caches)
         self.pos += 1
         return logits
 
@@ -122,12 +125,12 @@ class Decoder:
         with torch.cuda.stream(stream), self._autocast(), swapped():
             for pos in range(2):
                 self.model.prepare_step(slot.caches, pos)
-                self.model.decode_step(slot.tokens, slot.caches)
+                self._decode_step(slot.tokens, slot.caches)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         reset_caches(slot.caches)
         slot.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(slot.graph), self._autocast(capturing=True), swapped():
-            slot.logits = self.model.decode_step(slot.tokens, slot.caches)
+            slot.logits = self._decode_step(slot.tokens, slot.caches)
         reset_caches(slot.caches)
 
 

@@ -54,7 +54,7 @@ DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 # On a CPU the GPU sweep's defaults (small models up to L=16384 at 65,536 tokens a step) grew past 22 GB and ran
 # for minutes before the kernel killed them: without options a CPU sweep measures these instead.
 CPU_DEFAULTS = {"size": "demo", "lengths": (256, 512, 1024, 2048), "tokens_per_step": 8192, "repeats": 3}
-DECODE_IMPLS = ("eager", "graph")
+DECODE_IMPLS = ("eager", "graph", "compiled")  # compiled: the Inductor-compiled step, in a CUDA graph on CUDA
 SCHEMA = "caracal-speed/1"
 
 # The bare FFT convolutions the mixer benchmark times against their memory-traffic floor: name → f(v, g) -> y,
@@ -97,7 +97,7 @@ class SpeedSettings:
     # Each model in its own process (the default on CUDA): a library's leaked memory or a poisoned CUDA context
     # (an illegal memory access) then stays with the model that caused it.
     isolate: bool = False
-    decode_impls: list[str] = field(default_factory=lambda: ["eager"])  # and "graph" (CUDA)
+    decode_impls: list[str] = field(default_factory=lambda: ["eager"])  # "graph" (CUDA), "compiled"
     decode_batches: list[int] = field(default_factory=lambda: [1])
 
     @property
@@ -201,7 +201,7 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPES:
         raise SpeedError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    impls = list(DECODE_IMPLS) if decode_impl == "both" else _split(decode_impl, "--decode-impl") \
+    impls = ["eager", "graph"] if decode_impl == "both" else _split(decode_impl, "--decode-impl") \
         if decode_impl is not None else ["eager", "graph"] if device.startswith("cuda") else ["eager"]
     for impl in impls:
         if impl not in DECODE_IMPLS:
@@ -433,9 +433,10 @@ def decode_point(model, runner, length: int, settings: SpeedSettings, device: to
                  batch: int = 1) -> dict[str, Any]:
     """Prefill `batch` contexts of `length` tokens (untimed), then time `decode_tokens` greedy steps of one token
     per sequence through a `generate.Decoder` with caches of exactly length + decode_tokens positions: its eager
-    step, or (`impl` graph) the same step captured once as a CUDA graph and replayed. The figures are per step;
-    tokens/s counts the batch's tokens. `runner` (a --compile'd model) is not used: the graph is decoding's
-    compiled form."""
+    step, or (`impl` graph) the same step captured once as a CUDA graph and replayed, or (compiled) the step
+    compiled by Inductor, captured likewise on CUDA (compiled in the untimed set-up on CUDA, in the warm-up
+    runs elsewhere). Per step; tokens/s counts the batch's tokens. `runner` (a --compile'd model) is not
+    used: decoding has its own compiled forms."""
     from caracal_cli.generate import Decoder
 
     lacking = sorted({type(block.mixer).__name__ for block in model.blocks if not hasattr(block.mixer, "init_cache")})
@@ -443,7 +444,8 @@ def decode_point(model, runner, length: int, settings: SpeedSettings, device: to
         return {"status": "unsupported", "reason": f"no cached decoding (init_cache) in {', '.join(lacking)}"}
     steps, dtype = settings.decode_tokens, settings.torch_dtype
     context = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
-    decoder = Decoder(model, graphs=impl == "graph", autocast=dtype, keep=1)
+    graphs = impl == "graph" or (impl == "compiled" and device.type == "cuda")
+    decoder = Decoder(model, graphs=graphs, autocast=dtype, keep=1, compile_step=impl == "compiled")
 
     def setup():
         token = decoder.start(context, steps, length=length + steps).argmax(-1)

@@ -79,6 +79,22 @@ def test_sixteen_bit_linear_copies_give_autocasts_products(preset):
     assert torch.equal(decode(True), decode(False))
 
 
+def test_compiled_step_decodes_as_the_full_forward():
+    """`compile_step`: the step compiled by Inductor (on CUDA a graph then holds its kernels; the GPU tests check
+    that) mutates the caches as the eager step does: Caracal's logits, token by token across MHF blocks and
+    a second prompt in the same caches, equal the full forward's."""
+    torch.manual_seed(0)
+    model = build_model(load_preset("demo", ["model.vocab_size=101", "model.mixers.F.decode_block=4"]).model).eval()
+    decoder = Decoder(model, graphs=False, compile_step=True)
+    for _ in range(2):
+        ids = torch.randint(0, 101, (2, 14))
+        logits = [decoder.start(ids[:, :5], 9)] + [decoder.step(ids[:, t]) for t in range(5, 13)]
+        with torch.no_grad():
+            full = model(ids)[:, 4:13]
+        torch.testing.assert_close(torch.stack(logits, 1), full, rtol=1e-4, atol=1e-4)
+    assert decoder._decode_step is not model.decode_step
+
+
 def test_buckets_and_decoder_errors():
     assert [bucket_length(n) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
     model = build_model(load_preset("demo", ["model.vocab_size=101"]).model).eval()

@@ -186,6 +186,12 @@ def test_decode_without_init_cache_is_unsupported(monkeypatch):
     assert result["status"] == "unsupported" and "MHF" in result["reason"]
 
 
+def test_decode_paths_on_a_cpu():
+    """The compiled step runs on a CPU (without a graph there)."""
+    assert speed.parse_settings(device="cpu", mode="decode", decode_impl="eager,compiled").decode_impls == \
+        ["eager", "compiled"]
+
+
 def test_token_budget_and_summary():
     assert speed.budget_batch(512, 65536) == (128, None)
     assert speed.budget_batch(16384, 4096)[0] == 1 and "exceeds" in speed.budget_batch(16384, 4096)[1]

@@ -47,6 +47,22 @@ def test_graph_steps_equal_eager_steps_and_the_full_forward(preset, batch):
 
 
 @pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_compiled_graph_steps_equal_eager_steps(preset):
+    """`compile_step`: a graph of the Inductor-compiled step (fused kernels, MHF's block sum as the composition)
+    against the eager step under bf16 autocast, two prompts in one bucket; and the full forward."""
+    model = demo_model(preset)
+    compiled = Decoder(model, graphs=True, autocast=torch.bfloat16, compile_step=True)
+    eager = Decoder(model, graphs=False, autocast=torch.bfloat16)
+    for prompt in (40, 33):
+        ids = torch.randint(0, 512, (4, 120), device="cuda")
+        got, want = teacher_forced(compiled, ids, prompt), teacher_forced(eager, ids, prompt)
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            full = model(ids)[:, prompt - 1:-1].float()
+        assert (got - full).abs().max() / full.abs().max() < 5e-2, preset
+
+
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
 def test_greedy_generation_is_identical_with_and_without_graphs(preset):
     """float32: the same tokens, graph or eager, and the same again on a second prompt in the same bucket."""
     model = demo_model(preset)
