@@ -10,7 +10,7 @@
 #   bash scripts/gpu_acceptance.sh speed-ssm  # the same for mamba, mamba2 and jamba (mamba_ssm's Triton kernels
 #                                           # autotune at every new shape: Mamba-2 takes ~4 minutes)
 #   MODELS="llama caracal swh" bash scripts/gpu_acceptance.sh decode   # the CUDA-graph decoding tests, then
-#                                           # decode points (eager and graph, batch 1 and 64) per model, merged
+#                                           # decode points (eager, graph, compiled; batch 1 and 64) per model
 #   bash scripts/gpu_acceptance.sh mhf      # the fused MHF kernels: GPU tests, the module alone (composition /
 #                                           # auto / fast, eager and compiled), caracal vs llama vs the composition
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
@@ -101,19 +101,24 @@ speed|speed-ssm)
     cat "$WORK/status.log"
     ;;
 decode)
-    # Issue 22: every family's graph path against its eager step and the full forward, then the decode table of
-    # each model in MODELS (contexts LENGTHS, eager and graph, batch 1 and 64), merged into one report.
-    step gputests_decode 300 python3 -m pytest -v -rs -p no:cacheprovider -m gpu tests/gpu/test_decode_graphs.py
+    # Issue 22: every family's graph path against its eager step and the full forward (TESTS=0 skips them: ~70 s,
+    # ~4 min with the compiled step's), then the decode table of each model in MODELS (contexts LENGTHS, the paths
+    # IMPLS, batch 1 and 64), merged into one report, and one mixer's step against its floor (MIXER=1). Each
+    # model runs in one process (--no-isolate): mamba_ssm autotunes once per shape, not once per point.
+    [ "${TESTS:-1}" = 1 ] && step gputests_decode 300 python3 -m pytest -v -rs -p no:cacheprovider -m gpu \
+        tests/gpu/test_decode_graphs.py
+    [ "${MIXER:-0}" = 1 ] && step decode_mixer 90 env OUT="$WORK" python3 scripts/bench_decode_mixer.py \
+        --kinds mhf mhf-torch attention mamba mamba2 --steps 32
     merged=()
     for model in ${MODELS:-llama caracal swh}; do
         step "decode_$model" "${LIMIT:-200}" "${CARACAL[@]}" speed --size small --mode decode --models "$model" \
-            --lengths "${LENGTHS:-512,1024,2048,4096,8192,16384}" --decode-impl both --decode-batch 1,64 \
-            --repeats 3 --warmup 1 --decode-tokens 32 --out "$WORK/decode_$model"
+            --lengths "${LENGTHS:-512,1024,2048,4096,8192,16384}" --decode-impl "${IMPLS:-eager,graph,compiled}" \
+            --decode-batch 1,64 --no-isolate --repeats 3 --warmup 1 --decode-tokens 32 --out "$WORK/decode_$model"
         [ -f "$WORK/decode_$model/speed.json" ] && merged+=(--merge "$WORK/decode_$model/speed.json")
     done
     [ ${#merged[@]} -gt 0 ] && step decode_merged 60 "${CARACAL[@]}" speed "${merged[@]}" --out "$WORK/decode"
     cp "$WORK/decode/speed.json" "$WORK/decode.json" 2>/dev/null
-    collect "$WORK"/{gputests_decode,decode_merged,status}.log "$WORK/decode.json"
+    collect "$WORK"/{gputests_decode,decode_merged,decode_mixer,status}.log "$WORK/decode.json" "$WORK/decode_mixer.json"
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$WORK/gputests_decode.log" | tail -n 20
     cat "$WORK/decode_merged.log"
     ;;
