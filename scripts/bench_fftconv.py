@@ -50,6 +50,11 @@ SWEEP = {  # tile settings tried at the --sweep lengths, each over fftconv.DEFAU
 }
 
 
+def batch_for(L: int) -> int:
+    """Sequences per step: TOKENS tokens, or one sequence where L is longer (131,072: twice the tokens)."""
+    return max(1, TOKENS // L)
+
+
 def other_splits(L: int) -> dict[str, dict]:
     """Tile variants with each (P, T) factorisation of L's padded length other than SPLITS's."""
     default = fftconv.split_for(L)
@@ -97,7 +102,8 @@ def odd_size_checks() -> dict:
     """Errors of y, dv, dg at lengths and widths that exercise padding and masks, bf16 and fp16, one strided g."""
     out = {}
     for L, Dm, dtype in ((1, 96, torch.bfloat16), (300, 96, torch.bfloat16), (5000, 80, torch.float16),
-                         (16384, 64, torch.bfloat16), (777, 1024, torch.float16)):
+                         (16384, 64, torch.bfloat16), (777, 1024, torch.float16),
+                         (40000, 64, torch.bfloat16)):  # past 16384: the spectral stage in torch.fft
         v = torch.randn(2, L, Dm, device="cuda").to(dtype).requires_grad_()
         g_cl = (0.5 * torch.randn(2, Dm, L, device="cuda") + 0.5).to(dtype)
         g = g_cl.transpose(1, 2).detach().requires_grad_()  # a [B, D, L] buffer, like MHF's gate conv output
@@ -142,7 +148,7 @@ def stage_times(v, g, dy, **tiles) -> dict:
 
 
 def attention_case(L: int, window: int | None) -> dict:
-    B = TOKENS // L
+    B = batch_for(L)
     q, k, v = (torch.randn(B, HEADS, L, D // HEADS, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     do = torch.randn_like(q)
@@ -159,13 +165,13 @@ def attention_case(L: int, window: int | None) -> dict:
 def mhf_case(L: int, impl: str) -> dict:
     model = ModelConfig(d_model=D, n_head=HEADS, context=L)
     mhf = build_mixer({"kind": "mhf", "fft_impl": impl}, model).cuda()
-    x = torch.randn(TOKENS // L, L, D, device="cuda", requires_grad=True)
+    x = torch.randn(batch_for(L), L, D, device="cuda", requires_grad=True)
 
     def fwd():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return mhf(x)
 
-    dy = torch.randn(TOKENS // L, L, D, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(batch_for(L), L, D, device="cuda", dtype=torch.bfloat16)
     return dict(fwd=ms(fwd), fwd_bwd=ms(lambda: torch.autograd.grad(fwd(), [x, *mhf.parameters()], dy)),
                 path=mhf.path(x.device) if impl != "torch" else "torch.fft (float32)")
 
@@ -207,7 +213,7 @@ def main() -> None:
         return time.time() - start < args.budget_s
 
     for L in args.lengths:
-        B = TOKENS // L
+        B = batch_for(L)
         n = B * L * D
         record(L, "floor (traffic)", dict(fwd=6 * n / bw * 1e3, fwd_bwd=16 * n / bw * 1e3))
         v = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -269,7 +275,7 @@ def main() -> None:
             print(f"max rel. error (y, dv, dg) {name}: {worst:.2e}")
     for L in Ls:
         if "triton stages" in results[L] and "error" not in results[L]["triton stages"]:
-            n = TOKENS * D
+            n = batch_for(L) * L * D
             print(f"stages L={L} (ms, TB/s): " + ", ".join(f"{k} {t:.3f} {STAGE_BYTES[k] * n / t / 1e9:.2f}"
                                                           for k, t in results[L]["triton stages"].items()))
 

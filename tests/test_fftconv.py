@@ -19,11 +19,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("length", [1, 200, 256, 257, 8192, 9000, 16384])
+@pytest.mark.parametrize("length", [1, 200, 256, 257, 8192, 9000, 16384, 16385, 131072])
 def test_split_pads_to_a_supported_power_of_two(length):
     P, T = split_for(length)
     padded = P * T
-    assert padded == max(256, 1 << (length - 1).bit_length()) and P >= T >= 16
+    assert padded == max(256, 1 << (length - 1).bit_length()) and T >= 16
+    assert P >= T if length <= fftconv.MAX_ONCHIP_LEN else P == 128
 
 
 def test_kernels_take_each_lengths_tuned_tiles_unless_told_otherwise():
@@ -110,6 +111,11 @@ def test_path_choice(monkeypatch):
     assert fft_conv_path(cuda, torch.float32, 2048) == "torch"  # float32 and float64 stay exact
     assert fft_conv_path(cuda, torch.float64, 2048) == "torch"
     assert fft_conv_path(cuda, torch.bfloat16, fftconv.MAX_LEN + 1) == "torch"
+    # past the on-chip lengths the kernels run with torch.fft's spectral stage only when asked (fft_impl: fast)
+    assert fft_conv_path(cuda, torch.bfloat16, 131072) == "torch"
+    assert fft_conv_path(cuda, torch.bfloat16, 131072, impl="fast") == "triton"
+    with pytest.raises(RuntimeError, match="L=262145"):
+        fft_conv_path(cuda, torch.bfloat16, fftconv.MAX_LEN + 1, impl="fast")
     assert fft_conv_path(cuda, torch.bfloat16, 2048, impl="torch") == "torch"
     monkeypatch.setattr(fftconv, "TRITON_AVAILABLE", False)
     assert fft_conv_path(cuda, torch.bfloat16, 2048) == "torch"
@@ -187,6 +193,29 @@ def _check_kernels(device, length, channels, dtype, batch=2, tol=None, split_p=0
 ])
 def test_kernels_in_triton_interpreter(length, channels, dtype, tol, split_p, left, keep):
     _check_kernels("cpu", length, channels, dtype, tol=tol, split_p=split_p, left=left, keep=keep)
+
+
+def test_long_sequences_split_with_p_128_and_a_torch_spectral_stage():
+    for length in (16385, 32768, 131072, fftconv.MAX_LEN):
+        st = fftconv.TritonStages(length, "cpu", torch.bfloat16)
+        assert st.P == 128 and fftconv.padded_length(length) == st.P * st.T
+        assert st.torch_spectral and not st.keep_transforms and st.a_left
+    assert not fftconv.TritonStages(16384, "cpu", torch.bfloat16).torch_spectral
+
+
+@pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels on the CPU only with triton installed and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("length, dtype, tol, keep", [
+    (1024, torch.float32, 1e-5, 0),  # float32 storage: torch.fft's stage exactly in the kernels' format
+    (1024, torch.bfloat16, 2e-2, 0),
+    (300, torch.float16, 2e-2, fftconv.KEEP_TRANSFORMS),  # asked to keep transforms: nothing to keep, spectra kept
+])
+def test_kernels_with_torch_spectral_stage_in_triton_interpreter(monkeypatch, length, dtype, tol, keep):
+    """The long-sequence path at a small size: with the on-chip limit lowered, every T runs the spectral stage in
+    torch.fft between the analysis and synthesis kernels; forward and both gradients against float64."""
+    monkeypatch.setattr(fftconv, "MAX_ONCHIP_T", 8)
+    assert fftconv.TritonStages(length, "cpu", dtype).torch_spectral
+    _check_kernels("cpu", length, 16, dtype, tol=tol, keep=keep)
 
 
 @pytest.mark.skipif(not (fftconv.TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
@@ -311,12 +340,14 @@ SIGS = {
 out = {"exact_head": shared(fc._exact_head_kernel, {**ptr("v_ptr g_ptr y_ptr", "*bf16"),
        **ptr("n D v_sb v_st g_sb g_st y_sb y_st", "i32")}, dict(K=fc.EXACT_HEAD, BLOCK_C=fc.TritonStages.head_block),
        fc.TritonStages.head_warps, 3)}
-for length in fc.SPLITS:  # every length's own split and tuned tiles, each distinct build once
+# every on-chip length's own split and tuned tiles, each distinct build once, and the longest (T = 2048: only
+# analysis and synthesis; its spectral stage is torch.fft)
+for length in [n for n in fc.SPLITS if n <= fc.MAX_ONCHIP_LEN] + [fc.MAX_LEN]:
     st = fc.TritonStages(length, "cpu", torch.bfloat16)
     # the spectral stage: the backward's (two outputs; from kept transforms where the length keeps them) and,
     # where it keeps them, the forward's, which writes them
-    spectral = [dict(GIVEN=st.keep_transforms)] + ([dict(TWO=False, KEEP=True, GIVEN=False)] if st.keep_transforms
-                                                   else [])
+    spectral = [] if st.torch_spectral else [dict(GIVEN=st.keep_transforms)] + (
+        [dict(TWO=False, KEEP=True, GIVEN=False)] if st.keep_transforms else [])
     for i, name, block, extra in [(0, "analysis", st.block_c, {}), *[(1, "spectral", st.block_c2, e) for e in spectral],
                                   (2, "synthesis", st.block_c, {})]:
         fn, sig, flags = SIGS[name]

@@ -52,7 +52,13 @@ import torch
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 MIN_PADDED_LEN = 256  # P = T = 16: tl.dot needs every dimension ≥ 16
-MAX_LEN = 16384  # P = T = 128: the [P, P] and [T, T] DFT matrices fit on chip; longer runs torch.fft
+MAX_ONCHIP_T = 128  # the spectral kernel holds [T, T] DFT matrices on chip: T ≤ 128, so L ≤ 16384
+MAX_ONCHIP_LEN = 16384
+# Longer sequences keep P = 128 and let T grow: analysis and synthesis stay Triton kernels (T is only an index
+# there) and the spectral stage along n1 runs in torch.fft between them (`TritonStages._spectral_torch`), from
+# and to the kernels' fp16 storage. Opt-in (fft_impl: fast) until measured against torch.fft on a GPU; `auto`
+# runs torch.fft past MAX_ONCHIP_LEN.
+MAX_LEN = 262144
 # The forward's first outputs, sums of few terms, are recomputed directly: the transforms' rounding error is
 # spread evenly over positions, so it weighs most where y_t is smallest.
 EXACT_HEAD = 32
@@ -61,7 +67,7 @@ EXACT_HEAD = 32
 # spectral transform ~8T, so P ≥ T.
 # At 1024, (64, 16) beats (32, 32) on an H200: 2.38 against 3.73 ms forward+backward (d=1024, 65536 tokens).
 SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (64, 64), 8192: (128, 64),
-          16384: (128, 128)}
+          16384: (128, 128), **{1 << n: (128, 1 << (n - 7)) for n in range(15, MAX_LEN.bit_length())}}
 # TritonStages' tile settings, and per padded length those that beat them in H200 benches (forward+backward
 # ms, default → tuned): 2048 3.30 → 2.33 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64 rows and
 # 128-byte lines); 8192 3.19 → 2.78 and 16384 3.94 → 3.49 (A on the left, 8 rows per program; 32-channel
@@ -77,7 +83,9 @@ LEFT_DATA, LEFT_A = 1, 2
 KEEP_SPECTRA, KEEP_TRANSFORMS = 1, 2
 DEFAULT_TILES = dict(block_c=64, block_c2=32, rows_per_prog=4, stages=3, left=LEFT_DATA, keep=KEEP_SPECTRA)
 TUNED_TILES = {2048: dict(block_c2=64), 8192: dict(left=LEFT_A, rows_per_prog=8),
-               16384: dict(left=LEFT_A, rows_per_prog=8, keep=KEEP_TRANSFORMS)}
+               16384: dict(left=LEFT_A, rows_per_prog=8, keep=KEEP_TRANSFORMS),
+               # longer: P = 128 as at 16384, whose analysis and synthesis tiles they take (not tuned yet)
+               **{n: dict(left=LEFT_A, rows_per_prog=8) for n in SPLITS if n > MAX_ONCHIP_LEN}}
 
 
 def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None = None, impl: str = "auto") -> str:
@@ -93,6 +101,8 @@ def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None =
         reason = f"{dtype} inputs (the exact reference runs them)"
     elif length is not None and length > MAX_LEN:
         reason = f"L={length} > {MAX_LEN}"
+    elif length is not None and length > MAX_ONCHIP_LEN and impl == "auto":
+        reason = f"L={length} > {MAX_ONCHIP_LEN} (the kernels with torch.fft's spectral stage: fft_impl=fast)"
     if impl == "torch":
         return "torch"
     if reason is not None:
@@ -105,7 +115,9 @@ def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None =
 def path_label(device: torch.device, impl: str = "auto") -> str:
     """What a mixer's FFT convolution runs on `device` under autocast (bf16), for reports."""
     if fft_conv_path(device, torch.bfloat16, None, "auto" if impl == "fast" else impl) == "triton":
-        return f"triton fft-conv (L ≤ {MAX_LEN}; torch.fft beyond)"  # "fast" raises in forward, not here
+        if impl == "fast":  # ("fast" raises in forward, not here, where the kernels cannot run)
+            return f"triton fft-conv (L ≤ {MAX_ONCHIP_LEN}; to {MAX_LEN} with a torch.fft spectral stage)"
+        return f"triton fft-conv (L ≤ {MAX_ONCHIP_LEN}; torch.fft beyond)"
     return "torch.fft (float32)"
 
 
@@ -212,7 +224,8 @@ def monarch_causal_conv(v: torch.Tensor, g: torch.Tensor, split_p: int = 0) -> t
 
 
 def causal_fft_conv_fast(v: torch.Tensor, g: torch.Tensor, **tiles) -> torch.Tensor:
-    """The Triton path: v, g [B, L, D] on CUDA (bf16 or fp16), L ≤ MAX_LEN; returns v's dtype. `tiles` are
+    """The Triton path: v, g [B, L, D] on CUDA (bf16 or fp16), L ≤ MAX_LEN (past MAX_ONCHIP_LEN the spectral
+    stage in torch.fft); returns v's dtype. `tiles` are
     TritonStages' tile settings (benchmarks). A custom operator: torch.compile keeps it as one node of the
     model's graph instead of breaking the graph around it."""
     if v.dtype != g.dtype:
@@ -346,7 +359,9 @@ class TritonStages:
         if tiles["keep"] not in (KEEP_SPECTRA, KEEP_TRANSFORMS):
             raise ValueError(f"keep={tiles['keep']}: {KEEP_SPECTRA} (the spectra) or {KEEP_TRANSFORMS} (their "
                              "transforms)")
-        self.keep_transforms = tiles["keep"] == KEEP_TRANSFORMS
+        # past MAX_ONCHIP_T the spectral stage runs in torch.fft, which keeps nothing for the backward
+        self.torch_spectral = self.T > MAX_ONCHIP_T
+        self.keep_transforms = tiles["keep"] == KEEP_TRANSFORMS and not self.torch_spectral
         # 8 warps once a program's fp32 tiles pass ~32 KB (registers), else 4
         wide, wide2 = self.P * self.block_c >= 8192, self.T * self.block_c2 >= 4096
         self.warps = warps or (8 if wide else 4, 8 if wide2 else 4, 8 if wide else 4)
@@ -377,6 +392,9 @@ class TritonStages:
         """W for the spectra a and b (and a second output for a and c): values [2, n·B, P, T, D] and scales
         [n·B, P, D], one per (k2, c). `keep` [2, 2B, P, T, D] receives F Z_a and F Z_b (÷√T, under the inputs'
         scales); `transformed` says that b and c are such kept transforms."""
+        if self.torch_spectral:
+            assert keep is None and not transformed, "torch.fft's spectral stage keeps no transforms"
+            return self._spectral_torch(a, b, c)
         (za, sa), (zb, sb) = a, b
         two = c is not None
         zc, sc = c if two else b
@@ -393,6 +411,28 @@ class TritonStages:
                                KEEP=keep is not None, GIVEN=transformed,
                                num_warps=self.warps[1], num_stages=self.stages)
         return out, scale
+
+    def _spectral_torch(self, a: tuple, b: tuple, c: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`spectral` with torch.fft along n1, for T > MAX_ONCHIP_T: the same W = conj(tw) ⊙ F^H((F Z_a) ⊙
+        (F Z_b)) (F orthonormal) from the stored spectra, in complex64, returned in the kernels' storage (values
+        |·| ≤ 1 in the spectra's dtype, one float32 scale per (sample, k2, c)). Memory: a few complex64
+        tensors of B·Lp·D elements at once, linear in L."""
+        def spectrum(stored: tuple) -> torch.Tensor:  # [B, P, T, D] complex64: values times their scales
+            z, scale = stored
+            return torch.complex(z[0].float(), z[1].float()) * scale[:, None, None, :]
+
+        fa = torch.fft.fft(spectrum(a), dim=2, norm="ortho")
+        conj_tw = torch.complex(self.tw[0], -self.tw[1])[:, :, None]  # [P, T, 1]
+        values, scales = [], []
+        for other in [b] if c is None else [b, c]:
+            w = torch.fft.ifft(fa * torch.fft.fft(spectrum(other), dim=2, norm="ortho"), dim=2, norm="ortho")
+            w *= conj_tw
+            scale = torch.maximum(w.real.abs().amax(2), w.imag.abs().amax(2))  # [B, P, D]
+            scale = torch.where(scale > 0, scale, 1.0)
+            w /= scale[:, :, None, :]
+            values.append(torch.stack([w.real, w.imag]).to(self.zdtype))
+            scales.append(scale)
+        return torch.cat(values, 1), torch.cat(scales, 0)
 
     def exact_head(self, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> None:
         """Overwrite y's first EXACT_HEAD positions with the direct sums Σ_{j≤t} v_j g_{t−j} (float32)."""
