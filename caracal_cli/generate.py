@@ -44,7 +44,7 @@ class Decoder:
     def __init__(self, model, graphs: bool | None = None, autocast: torch.dtype | None = None,
                  prefill_chunk: int | None = None, keep: int = 2, compile_step: bool = False):
         self.model = model
-        self._decode_step = torch.compile(model.decode_step, dynamic=False) if compile_step else model.decode_step
+        self._compiled_step = torch.compile(model.decode_step, dynamic=False) if compile_step else None
         self.device = next(model.parameters()).device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
@@ -57,6 +57,10 @@ class Decoder:
         self._slots: dict[tuple[int, int], _Slot] = {}
         self.slot: _Slot | None = None
         self.pos = 0  # the host's copy of the position the next step writes
+
+    def _decode_step(self):
+        """The step a token runs: the compiled one, or the model's own (looked up each time: tests wrap it)."""
+        return self._compiled_step or self.model.decode_step
 
     def _autocast(self, capturing: bool = False):
         if self.autocast is None:
@@ -98,7 +102,7 @@ class Decoder:
             logits = slot.logits
         else:
             with self._autocast():
-                logits = self._decode_step(tokens.view(-1, 1), slot.caches)
+                logits = self._decode_step()(tokens.view(-1, 1), slot.caches)
         self.pos += 1
         return logits
 
@@ -125,12 +129,12 @@ class Decoder:
         with torch.cuda.stream(stream), self._autocast(), swapped():
             for pos in range(2):
                 self.model.prepare_step(slot.caches, pos)
-                self._decode_step(slot.tokens, slot.caches)
+                self._decode_step()(slot.tokens, slot.caches)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         reset_caches(slot.caches)
         slot.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(slot.graph), self._autocast(capturing=True), swapped():
-            slot.logits = self._decode_step(slot.tokens, slot.caches)
+            slot.logits = self._decode_step()(slot.tokens, slot.caches)
         reset_caches(slot.caches)
 
 

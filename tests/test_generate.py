@@ -92,7 +92,7 @@ def test_compiled_step_decodes_as_the_full_forward():
         with torch.no_grad():
             full = model(ids)[:, 4:13]
         torch.testing.assert_close(torch.stack(logits, 1), full, rtol=1e-4, atol=1e-4)
-    assert decoder._decode_step is not model.decode_step
+    assert decoder._decode_step() is decoder._compiled_step is not None
 
 
 def test_buckets_and_decoder_errors():
