@@ -726,9 +726,26 @@ def copy_bandwidth(device: torch.device, repeats: int = 10) -> dict[str, Any]:
             "gb_per_s": 2 * nbytes / (median / 1e3) / 1e9, **summarize(times)}
 
 
+class MHFLinears(torch.nn.Module):
+    """MHF's three d×d projections alone (value, gate, output), the part of the module that is matmuls: what
+    the module would cost if everything around them were free."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.value, self.gate, self.out = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.value(x)) + self.gate(x)
+
+    def path(self, device: torch.device) -> str:
+        return "3 × nn.Linear (d × d)"
+
+
 def mixer_specs() -> tuple[dict[str, dict], list[str]]:
-    """The mixers to time alone (name → preset entry), and notes on those skipped."""
+    """The mixers to time alone (name → preset entry), and notes on those skipped. "mhf-linears" is not a
+    mixer: MHF's projections alone (`MHFLinears`), beside the module and, below, its convolution."""
     specs = {"mhf": {"kind": "mhf"}, "mhf-composition": {"kind": "mhf", "module_impl": "torch"},  # before/after
+             "mhf-linears": {"kind": "mhf-linears"},
              "attention": {"kind": "attention"},
              "swa-256": {"kind": "attention", "window": 256}}
     notes = []
@@ -794,7 +811,8 @@ def _time_mixer(name: str, raw: dict, model_cfg, settings: SpeedSettings, device
     built: dict[str, Any] = {}
 
     def build():
-        built["mixer"] = build_mixer(raw, model_cfg, f"mixer {name}").to(device)
+        built["mixer"] = (MHFLinears(model_cfg.d_model) if raw["kind"] == "mhf-linears"
+                          else build_mixer(raw, model_cfg, f"mixer {name}")).to(device)
         return {"status": "ok"}
 
     outcome = sweep(f"{name} (building it)", lambda: guarded(build, device))

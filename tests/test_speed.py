@@ -107,7 +107,8 @@ def test_speed_mixers_micro_benchmark(tmp_path):
     assert report["kind"] == "mixers" and report["d_model"] == 128
     assert report["bandwidth"]["gb_per_s"] > 0
     names = {e["name"] for e in report["results"]}
-    assert {"mhf", "mhf-composition", "attention", "swa-256", *speed.FFT_VARIANTS} <= names
+    assert {"mhf", "mhf-composition", "mhf-linears", "attention", "swa-256", *speed.FFT_VARIANTS} <= names
+    assert report["paths"]["mhf-linears"] == "3 × nn.Linear (d × d)"
     for kind in ("mamba", "mamba2"):  # timed when registered, else a note says it was skipped
         assert kind in names or any(note.startswith(kind + ":") for note in report["notes"])
     for entry in report["results"]:
