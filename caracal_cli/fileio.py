@@ -55,6 +55,16 @@ def write_json(path: str | Path, data: Any) -> None:
         handle.write("\n")
 
 
+def write_report(report: Any, path: str | None, default_name: str) -> str | None:
+    """A script's JSON report, atomically: to `path` (its --json), else to $OUT/`default_name` where OUT is set
+    (the folder a GPU run's files come back from), else nowhere. Returns where it went."""
+    if not path and os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], default_name)
+    if path:
+        write_json(path, report)
+    return path
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

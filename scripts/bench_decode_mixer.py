@@ -18,14 +18,12 @@ On a CPU it runs (eager only, small contexts) as a smoke test; figures there mea
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
 from caracal_cli.config import ModelConfig
+from caracal_cli.fileio import write_report
 from caracal_cli.mixers import build_mixer
 from caracal_cli.speed import copy_bandwidth
 
@@ -145,9 +143,8 @@ def main() -> None:
                       f"{row['over_floor']:8.1f}", flush=True)
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "bandwidth_gb_per_s": bandwidth, "d_model": args.d_model, "rows": rows}
-    path = args.json or (os.path.join(os.environ["OUT"], "decode_mixer.json") if os.environ.get("OUT") else None)
+    path = write_report(report, args.json, "decode_mixer.json")
     if path:
-        Path(path).write_text(json.dumps(report, indent=2))
         print(f"wrote {path}")
 
 

@@ -11,8 +11,6 @@ LayerNorm; SiLU with the grouped gate convolution. bf16 autocast on CUDA, float3
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import kind_of  # noqa: E402
 
 from caracal_cli.config import ModelConfig, parse_override  # noqa: E402
+from caracal_cli.fileio import write_report  # noqa: E402
 from caracal_cli.mixers import build_mixer  # noqa: E402
 from caracal_cli.mixers.mhf import causal_fft_conv  # noqa: E402
 
@@ -133,9 +132,8 @@ def main() -> None:
             torch._dynamo.reset()
     report = {"d_model": args.d_model, "n_head": args.n_head, "tokens": args.tokens, "overrides": args.overrides,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": rows}
-    path = args.json or (os.path.join(os.environ["OUT"], "profile_mixer.json") if os.environ.get("OUT") else None)
+    path = write_report(report, args.json, "profile_mixer.json")
     if path:
-        Path(path).write_text(json.dumps(report, indent=2))
         print(f"wrote {path}")
 
 

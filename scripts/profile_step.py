@@ -12,8 +12,6 @@ when OUT is set).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import time
 from collections import defaultdict
@@ -24,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from caracal_cli.config import COMPILE_MODES, load_preset
 from caracal_cli.device import resolve_device
+from caracal_cli.fileio import write_report
 from caracal_cli.loss import LOSS_PROFILE_LABEL
 from caracal_cli.model import build_model, flops_per_token
 from caracal_cli.monitor import peak_flops_for
@@ -160,11 +159,8 @@ def main() -> None:
     print(f"\nheaviest {args.top}:")
     for name, ms in report["top_kernels_ms"].items():
         print(f"  {ms:9.2f} ms  {kind_of(name):<18} {name[:90]}")
-    path = args.json or (os.path.join(os.environ["OUT"], f"profile_{args.preset}.json") if os.environ.get("OUT")
-                         else None)
+    path = write_report(report, args.json, f"profile_{args.preset}.json")
     if path:
-        with open(path, "w") as handle:
-            json.dump(report, handle, indent=2)
         print(f"\nwrote {path}")
 
 
