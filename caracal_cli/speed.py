@@ -201,8 +201,9 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPES:
         raise SpeedError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    impls = ["eager", "graph"] if decode_impl == "both" else _split(decode_impl, "--decode-impl") \
-        if decode_impl is not None else ["eager", "graph"] if device.startswith("cuda") else ["eager"]
+    both = ["eager", "graph"]
+    impls = both if decode_impl == "both" else _split(decode_impl, "--decode-impl") \
+        if decode_impl is not None else both if device.startswith("cuda") else ["eager"]
     for impl in impls:
         if impl not in DECODE_IMPLS:
             raise SpeedError(f"unknown --decode-impl {impl!r} (known: {', '.join(DECODE_IMPLS)}, both)")
@@ -741,19 +742,20 @@ class MHFLinears(torch.nn.Module):
         return "3 × nn.Linear (d × d)"
 
 
-def mixer_specs() -> tuple[dict[str, dict], list[str]]:
-    """The mixers to time alone (name → preset entry), and notes on those skipped. "mhf-linears" is not a
-    mixer: MHF's projections alone (`MHFLinears`), beside the module and, below, its convolution."""
-    specs = {"mhf": {"kind": "mhf"}, "mhf-composition": {"kind": "mhf", "module_impl": "torch"},  # before/after
-             "mhf-linears": {"kind": "mhf-linears"},
-             "attention": {"kind": "attention"},
-             "swa-256": {"kind": "attention", "window": 256}}
+def mixer_specs() -> tuple[dict[str, Callable[[Any], torch.nn.Module]], list[str]]:
+    """The modules to time alone (name → builder from the size's model config), and notes on those skipped:
+    mixers from preset entries, and MHF's projections alone (`MHFLinears`, not a mixer) beside the module."""
+    entries = {"mhf": {"kind": "mhf"}, "mhf-composition": {"kind": "mhf", "module_impl": "torch"},  # before/after
+               "attention": {"kind": "attention"},
+               "swa-256": {"kind": "attention", "window": 256}}
     notes = []
     for kind in ("mamba", "mamba2"):  # the state-space mixers, when registered
         if kind in MIXERS:
-            specs[kind] = {"kind": kind}
+            entries[kind] = {"kind": kind}
         else:
             notes.append(f"{kind}: not in the mixer registry here, skipped")
+    specs = {name: functools.partial(build_mixer, entry, where=f"mixer {name}") for name, entry in entries.items()}
+    specs["mhf-linears"] = lambda model_cfg: MHFLinears(model_cfg.d_model)
     return specs, notes
 
 
@@ -804,15 +806,14 @@ def _fft_point(fn, length: int, d_model: int, backward: bool, bandwidth: float, 
             "floor_ms": floor_ms, "over_floor": figures["median_ms"] / floor_ms, **figures}
 
 
-def _time_mixer(name: str, raw: dict, model_cfg, settings: SpeedSettings, device: torch.device, sweep: Sweep,
-                record: Callable[[dict], None]) -> str | None:
+def _time_mixer(name: str, builder: Callable[[Any], torch.nn.Module], model_cfg, settings: SpeedSettings,
+                device: torch.device, sweep: Sweep, record: Callable[[dict], None]) -> str | None:
     """Every length of one mixer; returns its path (None when it could not be built)."""
     torch.manual_seed(0)
     built: dict[str, Any] = {}
 
     def build():
-        built["mixer"] = (MHFLinears(model_cfg.d_model) if raw["kind"] == "mhf-linears"
-                          else build_mixer(raw, model_cfg, f"mixer {name}")).to(device)
+        built["mixer"] = builder(model_cfg).to(device)
         return {"status": "ok"}
 
     outcome = sweep(f"{name} (building it)", lambda: guarded(build, device))
@@ -844,8 +845,8 @@ def run_mixers(settings: SpeedSettings, progress: Callable[[dict], None] | None 
             progress(entry)
 
     sweep = Sweep()
-    for name, raw in specs.items():
-        report["paths"][name] = _time_mixer(name, raw, model_cfg, settings, device, sweep, record)
+    for name, builder in specs.items():
+        report["paths"][name] = _time_mixer(name, builder, model_cfg, settings, device, sweep, record)
     for name, fn in FFT_VARIANTS.items():
         report["paths"][name] = f"{fn.__module__}.{fn.__qualname__}"
         for backward in (False, True):

@@ -51,7 +51,7 @@ def block_sum_reference(v: torch.Tensor, g: torch.Tensor, folded: torch.Tensor, 
 def block_sum(v: torch.Tensor, g: torch.Tensor, folded: torch.Tensor, pos: torch.Tensor,
               scale: str) -> torch.Tensor:
     """`block_sum_reference`'s result, through the kernel where `decode_sum_path` allows."""
-    if decode_sum_path(v.device, v.dtype) == "triton" and folded.dtype == torch.float32:
+    if decode_sum_path(v.device, v.dtype) == "triton":  # (the fold is float32 for every such cache dtype)
         return block_sum_fused(v, g, folded, pos, scale)
     return block_sum_reference(v, g, folded, pos, scale)
 
