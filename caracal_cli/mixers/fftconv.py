@@ -53,7 +53,7 @@ import torch
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 MIN_PADDED_LEN = 256  # P = T = 16: tl.dot needs every dimension ≥ 16
 MAX_ONCHIP_T = 128  # the spectral kernel holds [T, T] DFT matrices on chip: T ≤ 128, so L ≤ 16384
-MAX_ONCHIP_LEN = 16384
+MAX_ONCHIP_LEN = MAX_ONCHIP_T * MAX_ONCHIP_T  # P = T = 128
 # Longer sequences keep P = 128 and let T grow: analysis and synthesis stay Triton kernels (T is only an index
 # there) and the spectral stage along n1 runs in torch.fft between them (`TritonStages._spectral_torch`), from
 # and to the kernels' fp16 storage. Opt-in (fft_impl: fast) until measured against torch.fft on a GPU; `auto`
@@ -67,7 +67,8 @@ EXACT_HEAD = 32
 # spectral transform ~8T, so P ≥ T.
 # At 1024, (64, 16) beats (32, 32) on an H200: 2.38 against 3.73 ms forward+backward (d=1024, 65536 tokens).
 SPLITS = {256: (16, 16), 512: (32, 16), 1024: (64, 16), 2048: (64, 32), 4096: (64, 64), 8192: (128, 64),
-          16384: (128, 128), **{1 << n: (128, 1 << (n - 7)) for n in range(15, MAX_LEN.bit_length())}}
+          16384: (128, 128),
+          **{n: (MAX_ONCHIP_T, n // MAX_ONCHIP_T) for n in (1 << k for k in range(15, MAX_LEN.bit_length()))}}
 # TritonStages' tile settings, and per padded length those that beat them in H200 benches (forward+backward
 # ms, default → tuned): 2048 3.30 → 2.33 (at T = 32, 64-channel spectral tiles fill Hopper's M = 64 rows and
 # 128-byte lines); 8192 3.19 → 2.78 and 16384 3.94 → 3.49 (A on the left, 8 rows per program; 32-channel
