@@ -1,5 +1,5 @@
 """MHF's decoding sum for one token, as one kernel over the static caches. At t = pos, with S = decode_block, the
-block start c = S·⌊t/S⌋ and the offset o = t − c (see MultiHeadFourier's cached decoding):
+block start c = S·⌊t/S⌋ and the offset o = t − c (see MHF's cached decoding in mhf.py):
 
     y[b] = ( Σ_{i ≤ o} v[b, c+i] ⊙ g[b, o−i]  +  [c ≥ S] Σ_{i ≤ o} g[b, c+i] ⊙ v[b, o−i]  +  F[b, o] ) / n(t+1)
 
