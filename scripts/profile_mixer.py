@@ -25,7 +25,7 @@ from profile_step import kind_of  # noqa: E402
 
 from caracal_cli.config import ModelConfig, parse_override  # noqa: E402
 from caracal_cli.fileio import write_report  # noqa: E402
-from caracal_cli.mixers import build_mixer  # noqa: E402
+from caracal_cli.mixers import build_mixer, gate_conv, pre_norm  # noqa: E402
 from caracal_cli.mixers.mhf import causal_fft_conv  # noqa: E402
 
 
@@ -34,17 +34,28 @@ def parts(mixer) -> dict:
     def linears(x):
         return mixer.out(mixer.value(x) * mixer.gate_in(x))
 
-    def pre_norm(x):
+    def compute_dtype(x):
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+    # The two stages around the convolution run as the module runs them: the Triton kernels where
+    # `fused_parts` puts them (asked at trace time, so compiled `auto` gets the composition), else PyTorch.
+    def pre_norm_part(x):
+        if "pre_norm" in mixer.fused_parts(x.device, compute_dtype(x)):
+            return pre_norm.conv_layer_norm(x, mixer.pre_conv.conv.weight, mixer.norm.weight, mixer.norm.bias,
+                                            mixer.norm.eps, compute_dtype(x), emit_cast=False)[0]
         return mixer.norm(mixer.pre_conv(x))
 
     def gate(x):
+        if "gate" in mixer.fused_parts(x.device, compute_dtype(x)):
+            return gate_conv.silu_gate_conv(x.to(compute_dtype(x)), mixer.gate_conv.conv.weight,
+                                            mixer.gate_conv.conv.bias)
         return mixer.gate_conv(F.silu(x))
 
     def conv(x):
         v = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
         return causal_fft_conv(v, v.detach().flip(1).requires_grad_(), mixer.cfg.fft_impl)
 
-    return {"module": mixer, "linears": linears, "fft conv": conv, "pre-conv + norm": pre_norm,
+    return {"module": mixer, "linears": linears, "fft conv": conv, "pre-conv + norm": pre_norm_part,
             "silu + gate conv": gate}
 
 
