@@ -136,6 +136,10 @@ class SWH(nn.Module):
             return y
         with autocast_off(u.device):
             log_lam = torch.complex(-self.decay.to(work).abs(), self.freq.to(work))  # [w]
+            if L == 1:  # a decoding step: h = λ·h + u, y = Re(h) — the general case below, in fewer kernels
+                h = torch.exp(log_lam) * state + u[:, 0].to(work)
+                state.copy_(h)
+                return h.real.unsqueeze(1).to(u.dtype)
             powers = torch.exp(torch.arange(L + 1, device=u.device, dtype=work).unsqueeze(1) * log_lam)  # λ^0…λ^L
             y = y.to(work) + (powers[1:] * state.unsqueeze(1)).real  # what the past adds: Re(λ^{i+1} h)
             state.copy_(powers[L] * state + (powers[:L].flip(0) * u.to(work)).sum(1))
