@@ -29,8 +29,7 @@
 set -uo pipefail
 part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|mhf|train|mfu|trainer-mfu|loss|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
-mkdir -p "$WORK"
-collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
+source "$(dirname "$0")/gpu_common.sh"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -41,11 +40,6 @@ else
 fi
 DATA=${DATA:-.gpudata/shakespeare-gpt2}
 CARACAL=(python3 -m caracal_cli)  # an array, not a function: `timeout` runs programs only
-step() {  # step NAME SECONDS COMMAND…: run with a limit, log to $WORK/NAME.log, say how it ended
-    local name=$1 limit=$2; shift 2
-    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
-    echo "$name: exit $?" | tee -a "$WORK/status.log"
-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 

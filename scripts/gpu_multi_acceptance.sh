@@ -27,8 +27,7 @@
 set -uo pipefail
 part=${1:?usage: gpu_multi_acceptance.sh ddp-small|fsdp-small|large-1|fsdp-large|ddp-large|resume-small|resume-large|trace|checkpoint}
 WORK=${WORK:-/tmp/gpu-multi}
-mkdir -p "$WORK"
-collect() { [ -n "${OUT:-}" ] && for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "${f#$WORK/}" | tr / _)"; done; true; }
+source "$(dirname "$0")/gpu_common.sh"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 DATA=${DATA:-.gpudata/shakespeare-gpt2}
 [ -f "$DATA/manifest.json" ] || { echo "no dataset at $DATA: python -m caracal_cli prepare shakespeare --out $DATA" >&2; exit 2; }
@@ -37,11 +36,6 @@ NGPU=$(nvidia-smi -L | wc -l)
 # The presets' recipe (524,288 tokens per step), 64 sequences per micro-step on every count, so each count reads
 # the same batches in the same order; compiled.
 TABLE=(python3 scripts/gpu_scaling_table.py --data "$DATA" --compile --micro-batch "${MICRO:-64}" --reuse)
-step() {  # step NAME SECONDS COMMAND…: run with a limit, log to $WORK/NAME.log, say how it ended
-    local name=$1 limit=$2; shift 2
-    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
-    echo "$name: exit $?" | tee -a "$WORK/status.log"
-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version())"
 
