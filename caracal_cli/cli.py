@@ -565,15 +565,22 @@ def generate(
     top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling threshold."),
     seed: Optional[int] = typer.Option(None, help="Random seed, for a repeatable sample."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    decode_impl: str = typer.Option("auto", help="How each token's step runs: eager, graph (replayed as a CUDA "
+                                    "graph), compiled (compiled by Inductor first, a compilation per cache "
+                                    "length; then a CUDA graph on CUDA), or auto (graph on CUDA, eager on a CPU)."),
+    dtype: str = typer.Option("auto", help="bf16, fp16 or fp32: the autocast dtype of decoding and its caches "
+                              "(auto: bf16 on a CUDA device that has it, as training runs; fp32 on a CPU)."),
 ):
     """Generate text from a checkpoint with cached decoding, streaming tokens as they come.
 
     \b
     Example: caracal generate -c runs/demo/run --prompt "ROMEO:" --max-new-tokens 100 --seed 0
     """
+    import torch
+
     from caracal_cli.checkpoint import load_model
     from caracal_cli.runs import newest_run
-    from caracal_cli.generate import generate_ids, stream_text
+    from caracal_cli.generate import decode_settings, decoder_for, generate_ids, stream_text
 
     if prompt_file is not None:
         if not prompt_file.is_file():
@@ -590,9 +597,15 @@ def generate(
     if checkpoint is None:
         checkpoint = newest_run(runs_dir)
         err_console.print(f"using the newest run: {checkpoint}", highlight=False)
-    model, config, tokenizer, ckpt = load_model(checkpoint, resolve_device(device))
+    where = resolve_device(device)
+    try:  # before the checkpoint loads: a bad option costs nothing
+        decode_settings(decode_impl, dtype, torch.device(where))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    model, config, tokenizer, ckpt = load_model(checkpoint, where)
+    decoder = decoder_for(model, decode_impl, dtype)
     ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k or None, top_p,
-                       seed, stop=lambda produced: produced[-1] == tokenizer.eot_id)
+                       seed, stop=lambda produced: produced[-1] == tokenizer.eot_id, decoder=decoder)
     console.print(prompt, end="", style="bold", highlight=False, markup=False)
     for piece in stream_text(tokenizer, (t for t in ids if t != tokenizer.eot_id)):
         console.print(piece, end="", highlight=False, markup=False, soft_wrap=True)

@@ -11,6 +11,9 @@ class DeviceError(CaracalError):
     pass
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # fp32: no autocast
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto` → this process's GPU (`local_rank`) when CUDA is available, else the CPU; `cuda` or `cuda:N`
     where there is no CUDA, or an unknown name, is refused."""

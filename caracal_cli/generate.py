@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from caracal_cli.device import AUTOCAST_DTYPES
 from caracal_cli.model import reset_caches
+
+DECODE_IMPLS = ("eager", "graph", "compiled")  # compiled: the Inductor-compiled step, in a CUDA graph on CUDA
 
 
 def bucket_length(positions: int) -> int:
@@ -167,6 +170,33 @@ class _CastLinears:
         finally:
             for weight, original in zip(self.weights, originals, strict=True):
                 weight.data = original
+
+
+def decode_settings(impl: str, dtype: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """`caracal generate`'s --decode-impl and --dtype for `device`, resolved: impl auto is a CUDA graph on CUDA
+    and the eager step elsewhere; dtype auto is bf16 autocast on a CUDA device that has it (what training runs
+    under), fp32 elsewhere. Raises ValueError naming the option for a value that cannot run here."""
+    cuda = device.type == "cuda"
+    if impl == "auto":
+        impl = "graph" if cuda else "eager"
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"unknown --decode-impl {impl!r} (known: auto, {', '.join(DECODE_IMPLS)})")
+    if impl == "graph" and not cuda:
+        raise ValueError(f"--decode-impl graph replays CUDA graphs; the device is {device.type} (eager or "
+                         "compiled run there)")
+    if dtype == "auto":
+        dtype = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r} (known: auto, {', '.join(AUTOCAST_DTYPES)})")
+    return impl, AUTOCAST_DTYPES[dtype]
+
+
+def decoder_for(model, impl: str = "auto", dtype: str = "auto") -> Decoder:
+    """The Decoder of `decode_settings(impl, dtype)` on the model's device."""
+    device = next(model.parameters()).device
+    impl, autocast = decode_settings(impl, dtype, device)
+    return Decoder(model, graphs=impl != "eager" and device.type == "cuda", autocast=autocast,
+                   compile_step=impl == "compiled")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

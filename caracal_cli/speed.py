@@ -40,8 +40,9 @@ import torch
 from caracal_cli import __version__
 from caracal_cli.checkpoint import CONFIG_FILE
 from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset, parse_override
-from caracal_cli.device import resolve_device
+from caracal_cli.device import AUTOCAST_DTYPES, resolve_device
 from caracal_cli.fileio import atomic_path, write_json
+from caracal_cli.generate import DECODE_IMPLS
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
 from caracal_cli.model import build_model, count_parameters, kernel_paths
@@ -49,12 +50,10 @@ from caracal_cli.model import build_model, count_parameters, kernel_paths
 DEFAULT_MODELS = ("caracal", "llama", "mamba", "mamba2", "jamba", "swh")
 SIZES = ("tiny", "small", "medium", "large", "demo")
 MODES = ("train", "prefill", "decode")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 # On a CPU the GPU sweep's defaults (small models up to L=16384 at 65,536 tokens a step) grew past 22 GB and ran
 # for minutes before the kernel killed them: without options a CPU sweep measures these instead.
 CPU_DEFAULTS = {"size": "demo", "lengths": (256, 512, 1024, 2048), "tokens_per_step": 8192, "repeats": 3}
-DECODE_IMPLS = ("eager", "graph", "compiled")  # compiled: the Inductor-compiled step, in a CUDA graph on CUDA
 SCHEMA = "caracal-speed/1"
 
 # The bare FFT convolutions the mixer benchmark times against their memory-traffic floor: name → f(v, g) -> y,
@@ -102,7 +101,7 @@ class SpeedSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return AUTOCAST_DTYPES[self.dtype]
 
     def command(self) -> str:
         """The equivalent `caracal speed` command with every option spelled out."""
@@ -199,8 +198,8 @@ def parse_settings(models: str | None = None, size: str | None = None, lengths: 
         _refuse_what_cannot_fit(size, max(length_list), tokens_per_step, overrides)
     if dtype is None:
         dtype = "bf16" if device.startswith("cuda") else "fp32"
-    if dtype not in DTYPES:
-        raise SpeedError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if dtype not in AUTOCAST_DTYPES:
+        raise SpeedError(f"unknown dtype {dtype!r} (known: {', '.join(AUTOCAST_DTYPES)})")
     both = ["eager", "graph"]
     impls = both if decode_impl == "both" else _split(decode_impl, "--decode-impl") \
         if decode_impl is not None else both if device.startswith("cuda") else ["eager"]

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from caracal_cli.checkpoint import model_state, save_checkpoint, save_run_config
 from caracal_cli.cli import app
 from caracal_cli.config import list_presets, load_preset
-from caracal_cli.generate import Decoder, _CastLinears, bucket_length, filter_logits, generate_ids
+from caracal_cli.generate import (Decoder, _CastLinears, bucket_length, decode_settings, decoder_for, filter_logits,
+                                  generate_ids)
 from caracal_cli.model import build_model
 from caracal_cli.tokenizer import train_bpe
 
@@ -155,6 +156,39 @@ def test_generate_reads_stdin_and_finds_the_newest_run(run_dir, monkeypatch):
     result = CliRunner().invoke(app, ["generate", "--max-new-tokens", "4", "--temperature", "0"], input="All the")
     assert result.exit_code == 0, result.output
     assert "using the newest run" in result.output and "All the" in result.output
+
+
+def test_decode_settings_resolve_auto_per_device(monkeypatch):
+    """auto: a CUDA graph in bf16 on CUDA (where bf16 runs), the eager step in fp32 on a CPU; a graph cannot run
+    on a CPU; the Decoder follows the settings."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_settings("auto", "auto", cpu) == ("eager", torch.float32)
+    assert decode_settings("compiled", "bf16", cpu) == ("compiled", torch.bfloat16)
+    with pytest.raises(ValueError, match="graph replays CUDA graphs; the device is cpu"):
+        decode_settings("graph", "auto", cpu)
+    for impl, dtype, message in (("fast", "auto", "--decode-impl 'fast'"), ("eager", "int8", "--dtype 'int8'")):
+        with pytest.raises(ValueError, match=message):
+            decode_settings(impl, dtype, cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # resolving needs no device
+    assert decode_settings("auto", "auto", cuda) == ("graph", torch.bfloat16)
+    model = build_model(load_preset("demo", ["model.vocab_size=101"]).model).eval()
+    decoder = decoder_for(model, "compiled", "auto")
+    assert not decoder.graphs and decoder.autocast is None and decoder._compiled_step is not None
+    assert decoder_for(model, "eager", "bf16").autocast == torch.bfloat16
+
+
+def test_generate_command_decode_options(run_dir):
+    """--decode-impl compiled gives the eager step's greedy text on a CPU; a graph there, or an unknown dtype,
+    is a one-line error before the checkpoint loads."""
+    runner = CliRunner()
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "To be", "--max-new-tokens", "6",
+            "--temperature", "0", "--device", "cpu"]
+    eager, compiled = runner.invoke(app, args), runner.invoke(app, [*args, "--decode-impl", "compiled"])
+    assert eager.exit_code == compiled.exit_code == 0, compiled.output
+    assert eager.output == compiled.output
+    for extra, message in ((["--decode-impl", "graph"], "replays CUDA graphs"), (["--dtype", "fp8"], "--dtype")):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("args, message", [
