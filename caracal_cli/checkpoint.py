@@ -267,18 +267,37 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
                               f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True):
+def load_model(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True,
+               dtype: torch.dtype | None = None):
     """(model, config, tokenizer, checkpoint_dir) from a run directory or a checkpoint directory; the tokenizer
-    is None with with_tokenizer=False (scoring token ids needs no tokenizer library)."""
+    is None with with_tokenizer=False (scoring token ids needs no tokenizer library). `dtype`: what the model
+    will compute in (default bf16 on CUDA, float32 elsewhere), for `_relax_forced_paths`."""
     from caracal_cli.model import build_model
     from caracal_cli.tokenizer import load_tokenizer
 
     run_dir, ckpt = resolve_checkpoint(path)
     config = load_run_config(run_dir)
+    device = torch.device(device)
+    _relax_forced_paths(config, device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     model = build_model(config.model)
     load_weights(model, ckpt)
     model.to(device).eval()
     return model, config, load_tokenizer(run_dir) if with_tokenizer else None, ckpt
+
+
+def _relax_forced_paths(config: Config, device: torch.device, dtype: torch.dtype) -> None:
+    """A run trained with `fast` kernels loads where they cannot run (a CPU, float32 evaluation) with `auto`
+    instead, and says so: the same function, to the kernels' tolerance. Training refuses instead (train.py)."""
+    from caracal_cli.model import build_model, forced_path_errors
+
+    with torch.device("meta"):
+        errors = forced_path_errors(build_model(config.model), device, dtype)
+    for letter, error in errors.items():
+        mixer = config.model.mixers[letter]
+        for key in ("fft_impl", "module_impl"):
+            if mixer.get(key) == "fast":
+                mixer[key] = "auto"
+        warn(f"model.mixers.{letter}: {error}; loaded with auto")
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:

@@ -599,10 +599,10 @@ def generate(
         err_console.print(f"using the newest run: {checkpoint}", highlight=False)
     where = resolve_device(device)
     try:  # before the checkpoint loads: a bad option costs nothing
-        decode_settings(decode_impl, dtype, torch.device(where))
+        _, compute = decode_settings(decode_impl, dtype, torch.device(where))
     except ValueError as error:
         raise UserError(str(error)) from None
-    model, config, tokenizer, ckpt = load_model(checkpoint, where)
+    model, config, tokenizer, ckpt = load_model(checkpoint, where, dtype=compute)
     decoder = decoder_for(model, decode_impl, dtype)
     ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k or None, top_p,
                        seed, stop=lambda produced: produced[-1] == tokenizer.eot_id, decoder=decoder)

@@ -155,7 +155,8 @@ class CaracalLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise EvalError("CaracalLM needs checkpoint=RUN_DIR (or model= and tokenizer=)")
-            model, run_config, tokenizer, self.checkpoint_dir = load_model(checkpoint, self._device)
+            model, run_config, tokenizer, self.checkpoint_dir = load_model(checkpoint, self._device,
+                                                                            dtype=DTYPES[dtype])
             self.step = read_meta(self.checkpoint_dir).get("step")
             self.preset = run_config.name
         elif tokenizer is None:

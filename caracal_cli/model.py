@@ -188,6 +188,18 @@ def flops_per_token(model: LanguageModel, seq_len: int) -> dict[str, float]:
     return {"matmul": matmul, "mixing": mixing, "forward": forward, "train": 3 * forward}
 
 
+def forced_path_errors(model: LanguageModel, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Pattern letter → why that mixer's forced kernels (`fft_impl: fast`, `module_impl: fast`) cannot run on
+    `device` with `dtype` inputs at the model's context; empty where everything can."""
+    errors = {}
+    for letter, block in zip(model.config.layer_kinds(), model.blocks, strict=True):
+        check = getattr(block.mixer, "forced_path_error", None)
+        error = check(device, dtype, model.config.context) if check is not None else None
+        if error is not None:
+            errors.setdefault(letter, error)
+    return errors
+
+
 def kernel_paths(model: LanguageModel, device: torch.device) -> dict[str, str]:
     """Which implementation each mixer kind, and the loss, runs on `device` under bf16 autocast (for `caracal
     info`, the first log line and `caracal speed`'s report)."""

@@ -42,11 +42,11 @@ from caracal_cli.checkpoint import (
     model_state, read_meta, remove_orphans, save_checkpoint, save_run_config,
 )
 from caracal_cli.config import CaracalError, Config, apply_overrides, config_from_dict, load_preset, warn
-from caracal_cli.device import resolve_device, to_device
+from caracal_cli.device import AUTOCAST_DTYPES, resolve_device, to_device
 from caracal_cli.fileio import DirectoryLock, atomic_path, write_json
 from caracal_cli.loader import TrainBatches, ValidationWindows, open_dataset, split_summary
 from caracal_cli.model import (
-    build_model, count_parameters, flops_per_token, kernel_paths, set_activation_checkpointing,
+    build_model, count_parameters, flops_per_token, forced_path_errors, kernel_paths, set_activation_checkpointing,
 )
 from caracal_cli.monitor import Console, Loggers, MetricsLog, TensorBoard, WandB, peak_flops_for, read_metrics
 from caracal_cli.recipe import BatchPlan, build_optimizer, learning_rate, plan_batches, planned_steps
@@ -268,7 +268,7 @@ def autocast(device: torch.device, dtype: str):
     """bf16/fp16 autocast on CUDA as the config says; CPU runs in float32."""
     if device.type != "cuda" or dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[dtype])
 
 
 EVAL_BATCH_FACTOR = 4  # a no-grad forward keeps one layer's activations, not every layer's: 4x the training micro-batch
@@ -495,6 +495,7 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
     if setup.resume:
         check_same_data(run_dir, data_dir, manifest, update=False)
     dev = resolve_device(device, ranks.local_rank)
+    _check_forced_paths(config, dev)
     compile = config.train.compile if compile is None else compile
     lock = DirectoryLock(run_dir, "run directory").acquire() if ranks.main else None  # one writer per run
     try:
@@ -529,6 +530,17 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_forced_paths(config: Config, device: torch.device) -> None:
+    """Refuse a `fast` kernel setting the device cannot run before the run directory is touched."""
+    with torch.device("meta"):
+        model = build_model(config.model)
+    compute = AUTOCAST_DTYPES[config.train.dtype] if device.type == "cuda" else torch.float32
+    errors = forced_path_errors(model, device, compute)
+    if errors:
+        raise TrainError("; ".join(f"model.mixers.{letter}: {error}" for letter, error in errors.items())
+                         + " (auto chooses the kernels where they run)")
 
 
 def choose_micro_batch(config: Config, device: torch.device, world_size: int,

@@ -35,6 +35,15 @@ def test_info_reports_a_preset_as_json():
     assert report["paths"]["MHF"].startswith("torch.fft")
 
 
+def test_info_estimates_a_preset_that_forces_the_kernels():
+    """`fast` kernel settings are a CUDA matter: the memory estimate traces shapes on the meta device and follows
+    the reference path there instead of refusing (it raised a RuntimeError with a traceback)."""
+    result = runner.invoke(app, ["info", "--preset", "small", "--json", "--set", "model.mixers.F.fft_impl=fast",
+                                 "--set", "model.mixers.F.module_impl=fast"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["train_memory_estimate_gib"]["total_gib"] > 0
+
+
 def test_info_without_preset_lists_presets():
     result = runner.invoke(app, ["info", "--json"])
     assert result.exit_code == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caracal_cli.checkpoint import model_state, save_checkpoint, save_run_config
+from caracal_cli.checkpoint import load_run_config, model_state, save_checkpoint, save_run_config
 from caracal_cli.cli import app
 from caracal_cli.config import list_presets, load_preset
 from caracal_cli.generate import (Decoder, _CastLinears, bucket_length, decode_settings, decoder_for, filter_logits,
@@ -189,6 +189,18 @@ def test_generate_command_decode_options(run_dir):
     for extra, message in ((["--decode-impl", "graph"], "replays CUDA graphs"), (["--dtype", "fp8"], "--dtype")):
         result = runner.invoke(app, [*args, *extra])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_run_trained_with_fast_kernels_loads_where_they_cannot_run(run_dir):
+    """`fast` refuses to train where the kernels cannot run; a checkpoint trained with it still generates on a
+    CPU, through auto's path, with a warning naming the setting."""
+    config = load_run_config(run_dir)
+    config.model.mixers["F"]["fft_impl"] = "fast"
+    save_run_config(run_dir, config)
+    result = CliRunner().invoke(app, ["generate", "--checkpoint", str(run_dir), "--prompt", "To be",
+                                      "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "model.mixers.F: fft_impl=fast cannot run here: not a CUDA device; loaded with auto" in result.output
 
 
 @pytest.mark.parametrize("args, message", [

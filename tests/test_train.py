@@ -351,6 +351,16 @@ def test_bad_input_is_one_line_without_traceback(args, message, data, tmp_path):
     assert message in result.output.replace("\n", "") and "Traceback" not in result.output
 
 
+def test_fast_kernels_where_they_cannot_run_are_refused_before_anything_is_written(data, tmp_path):
+    out = tmp_path / "run"
+    for setting in ("model.mixers.F.fft_impl=fast", "model.mixers.F.module_impl=fast"):
+        result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--set", setting,
+                                     "--out", str(out), "--device", "cpu"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"{setting.split('.')[-1]} cannot run here: not a CUDA device" in result.output.replace("\n", "")
+        assert not out.exists()
+
+
 def test_checkpoints_follow_the_umask(straight):
     umask = os.umask(0)
     os.umask(umask)

@@ -93,6 +93,8 @@ def fft_conv_path(device: torch.device, dtype: torch.dtype, length: int | None =
     """'triton' or 'torch': the implementation `causal_fft_conv` uses. The one place that decides.
 
     impl 'torch' forces the reference; 'fast' requires the fast path (raises where it cannot run)."""
+    if device.type == "meta":  # shape tracing (memory estimates) follows the reference path and never raises
+        return "torch"
     reason = None
     if device.type != "cuda":
         reason = "not a CUDA device"

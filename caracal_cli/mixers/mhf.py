@@ -161,9 +161,19 @@ class MHF(nn.Module):
                 parts.append("gate")
             else:
                 why = f"d_head={d_head} (the gate kernel needs a power of two in 16…128)"
-        if self.cfg.module_impl == "fast" and why is not None and not quiet:
+        if self.cfg.module_impl == "fast" and why is not None and not quiet and device.type != "meta":
             raise RuntimeError(f"module_impl=fast cannot run here: {why}")
         return parts
+
+    def forced_path_error(self, device: torch.device, dtype: torch.dtype, length: int) -> str | None:
+        """Why a `fast` setting cannot run on `device` for `dtype` inputs of `length` tokens; None where it can
+        (or nothing is forced). Asked before a run starts, so the refusal comes before anything is written."""
+        try:
+            fftconv.fft_conv_path(device, dtype, length, self.cfg.fft_impl)
+            self.fused_parts(device, dtype)
+        except RuntimeError as error:
+            return str(error)
+        return None
 
     def scale_factors(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
         """Per-position divisor of the causal sum at positions start..start+length−1, as [length, 1]."""
