@@ -728,7 +728,8 @@ def speed(
     repeats: Optional[int] = typer.Option(None, help="Timed runs per point (the median and spread are reported).",
                                           show_default="5; 3 on a CPU"),
     warmup: int = typer.Option(2, help="Untimed runs before them."),
-    decode_tokens: int = typer.Option(32, help="Cached one-token steps timed per decode run."),
+    decode_tokens: int = typer.Option(32, help="Cached one-token steps timed per decode run (rounded up to "
+                                       "whole decoding periods: MHF folds its history once per decode_block)."),
     decode_impl: Optional[str] = typer.Option(None, help="Decoding paths, comma-separated: eager, graph (the "
                                               "step replayed as a CUDA graph), compiled (the step compiled by "
                                               "Inductor, then a CUDA graph on CUDA), or both (eager and graph; the "

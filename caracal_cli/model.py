@@ -145,6 +145,12 @@ class LanguageModel(nn.Module):
                 block.mixer.prepare_step(cache, pos)
 
 
+def decode_period(model: LanguageModel) -> int:
+    """Tokens after which every mixer's per-token decoding work repeats: 1, or MHF's decode_block (it folds its
+    history once per block). A timing over whole periods is the steady-state cost per token."""
+    return max((getattr(block.mixer, "decode_period", 1) for block in model.blocks), default=1)
+
+
 def reset_caches(caches: list[dict]) -> None:
     """Empty the caches in place (position 0), keeping their storage: a captured step stays valid."""
     for cache in caches:

@@ -11,8 +11,10 @@ Modes, at each length L:
   train    forward + loss + backward at a fixed token budget per step (batch = tokens // L, at least 1)
   prefill  forward only, under inference_mode, at the same budget
   decode   prefill L tokens with the parallel path, then time `decode_tokens` one-token steps over static caches
-           (`generate.Decoder`), for each decoding path (eager; graph: the step replayed as a CUDA graph) and
-           batch (`decode_batches`, e.g. 1 and 64); a step is one token for each sequence of the batch
+           (`generate.Decoder`), for each decoding path (eager; graph: the step replayed as a CUDA graph;
+           compiled) and batch (`decode_batches`, e.g. 1 and 64); a step is one token for each sequence of the
+           batch. The steps are rounded up to whole decoding periods (`model.decode_period`: MHF folds its
+           history once per decode_block tokens), so every model's figure is its steady-state cost per token
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from caracal_cli.fileio import atomic_path, write_json
 from caracal_cli.generate import DECODE_IMPLS
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
-from caracal_cli.model import build_model, count_parameters, kernel_paths
+from caracal_cli.model import build_model, count_parameters, decode_period, kernel_paths
 
 DEFAULT_MODELS = ("caracal", "llama", "mamba", "mamba2", "jamba", "swh")
 SIZES = ("tiny", "small", "medium", "large", "demo")
@@ -432,7 +434,9 @@ def prefill_point(model, runner, length: int, settings: SpeedSettings, device: t
 def decode_point(model, runner, length: int, settings: SpeedSettings, device: torch.device, impl: str = "eager",
                  batch: int = 1) -> dict[str, Any]:
     """Prefill `batch` contexts of `length` tokens (untimed), then time `decode_tokens` greedy steps of one token
-    per sequence through a `generate.Decoder` with caches of exactly length + decode_tokens positions: its eager
+    per sequence (rounded up to whole `decode_period`s: a window of 32 tokens from a block boundary held one MHF
+    fold, 8 times its share over 256 tokens) through a `generate.Decoder` with caches of exactly length + steps
+    positions: its eager
     step, or (`impl` graph) the same step captured once as a CUDA graph and replayed, or (compiled) the step
     compiled by Inductor, captured likewise on CUDA (compiled in the untimed set-up on CUDA, in the warm-up
     runs elsewhere). Per step; tokens/s counts the batch's tokens. `runner` (a --compile'd model) is not
@@ -442,7 +446,8 @@ def decode_point(model, runner, length: int, settings: SpeedSettings, device: to
     lacking = sorted({type(block.mixer).__name__ for block in model.blocks if not hasattr(block.mixer, "init_cache")})
     if lacking:
         return {"status": "unsupported", "reason": f"no cached decoding (init_cache) in {', '.join(lacking)}"}
-    steps, dtype = settings.decode_tokens, settings.torch_dtype
+    period, dtype = decode_period(model), settings.torch_dtype
+    steps = -(-settings.decode_tokens // period) * period
     context = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     graphs = impl == "graph" or (impl == "compiled" and device.type == "cuda")
     decoder = Decoder(model, graphs=graphs, autocast=dtype, keep=1, compile_step=impl == "compiled")
@@ -459,8 +464,9 @@ def decode_point(model, runner, length: int, settings: SpeedSettings, device: to
 
     totals = time_runs(run, setup, settings.repeats, settings.warmup, device)
     per_step = [t / steps for t in totals]
+    note = f"{steps} steps: whole {period}-token decoding periods" if steps != settings.decode_tokens else None
     return {"batch": batch, "tokens": batch, "context": length, "decode_tokens": steps, "unit": "ms/step",
-            "note": None, "cache_dtype": settings.dtype, **summarize(per_step)}
+            "note": note, "cache_dtype": settings.dtype, **summarize(per_step)}
 
 
 def point_variants(mode: str, settings: SpeedSettings) -> list[dict[str, Any]]:

@@ -57,6 +57,9 @@ def test_speed_all_modes_writes_json_and_png(tmp_path):
     assert all(e["unit"] == "ms/step" and e["tokens"] == e["batch"] and e["context"] == e["length"] for e in decode)
     assert sorted({speed._label(e) for e in decode}) == ["caracal eager ×1", "caracal eager ×3", "llama eager ×1",
                                                          "llama eager ×3"]
+    # whole decoding periods: the demo's MHF folds once per 32 tokens, so its 4 steps become 32; Llama's stay 4
+    assert {(e["model"], e["decode_tokens"]) for e in decode} == {("caracal", 32), ("llama", 4)}
+    assert {e["note"] for e in decode if e["model"] == "caracal"} == {"32 steps: whole 32-token decoding periods"}
     assert report["models"]["caracal"]["paths"]["MHF"].startswith("torch.fft")
     assert report["models"]["llama"]["paths"] == {"Attention": "sdpa", "loss": "pytorch"}
     assert {(r["mode"], r["variant"], r["length"]) for r in report["ratios"]} == \

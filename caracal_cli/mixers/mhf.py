@@ -252,6 +252,11 @@ class MHF(nn.Module):
         scale = self.scale_factors(start, T, x.device)
         return self.out(y if scale is None else y / scale.to(y.dtype))
 
+    @property
+    def decode_period(self) -> int:
+        """Decoding's work repeats every decode_block tokens (one fold per block): timings span whole periods."""
+        return self.cfg.decode_block
+
     def prepare_step(self, cache: dict, pos: int) -> None:
         """Host-side work before the step at position `pos`, outside any CUDA graph: a step that begins a block
         first folds the finished ones."""
