@@ -80,12 +80,14 @@ def test_sixteen_bit_linear_copies_give_autocasts_products(preset):
     assert torch.equal(decode(True), decode(False))
 
 
-def test_compiled_step_decodes_as_the_full_forward():
+@pytest.mark.parametrize("preset", ["demo", "swh-demo"])
+def test_compiled_step_decodes_as_the_full_forward(preset):
     """`compile_step`: the step compiled by Inductor (on CUDA a graph then holds its kernels; the GPU tests check
-    that) mutates the caches as the eager step does: Caracal's logits, token by token across MHF blocks and
-    a second prompt in the same caches, equal the full forward's."""
+    that) mutates the caches as the eager step does: the logits, token by token across MHF blocks (SWH: its
+    recurrent state, real and imaginary parts) and a second prompt in the same caches, equal the full forward's."""
     torch.manual_seed(0)
-    model = build_model(load_preset("demo", ["model.vocab_size=101", "model.mixers.F.decode_block=4"]).model).eval()
+    overrides = ["model.vocab_size=101"] + ["model.mixers.F.decode_block=4"] * (preset == "demo")
+    model = build_model(load_preset(preset, overrides).model).eval()
     decoder = Decoder(model, graphs=False, compile_step=True)
     for _ in range(2):
         ids = torch.randint(0, 101, (2, 14))

@@ -127,33 +127,38 @@ class SWH(nn.Module):
 
     def _spectral(self, u: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         """k ∗ u for u [B, L, w]. The kernel is Re(λ^t) with λ_c = exp(−|α_c| + iω_c), so the convolution is the
-        real part of h_t = λ·h_{t−1} + u_t: a cache carries h (`state`, complex [B, w]) from chunk to chunk,
-        exactly, in O(w) per token, and the chunk itself is convolved by FFT."""
+        real part of h_t = λ·h_{t−1} + u_t: a cache carries h (`state`: [B, w, 2], its real and imaginary parts)
+        from chunk to chunk, exactly, in O(w) per token, and the chunk itself is convolved by FFT."""
         work = torch.float64 if u.dtype == torch.float64 else torch.float32
         L = u.shape[1]
         y = u if L == 1 else causal_fft_conv(u, oscillator_kernel(self.decay, self.freq, L, work).unsqueeze(0))
         if state is None:
             return y
         with autocast_off(u.device):
+            if L == 1:  # a decoding step, in real arithmetic: no complex tensor for a compiler or a CUDA graph
+                r = torch.exp(-self.decay.to(work).abs())
+                lam_re, lam_im = r * torch.cos(self.freq.to(work)), r * torch.sin(self.freq.to(work))
+                h_re, h_im = state[..., 0], state[..., 1]
+                new_re = lam_re * h_re - lam_im * h_im + u[:, 0].to(work)  # h = λ·h + u
+                new_im = lam_re * h_im + lam_im * h_re
+                state.copy_(torch.stack([new_re, new_im], dim=-1))
+                return new_re.unsqueeze(1).to(u.dtype)  # y = Re(h)
+            h = torch.view_as_complex(state)
             log_lam = torch.complex(-self.decay.to(work).abs(), self.freq.to(work))  # [w]
-            if L == 1:  # a decoding step: h = λ·h + u, y = Re(h) — the general case below, in fewer kernels
-                h = torch.exp(log_lam) * state + u[:, 0].to(work)
-                state.copy_(h)
-                return h.real.unsqueeze(1).to(u.dtype)
             powers = torch.exp(torch.arange(L + 1, device=u.device, dtype=work).unsqueeze(1) * log_lam)  # λ^0…λ^L
-            y = y.to(work) + (powers[1:] * state.unsqueeze(1)).real  # what the past adds: Re(λ^{i+1} h)
-            state.copy_(powers[L] * state + (powers[:L].flip(0) * u.to(work)).sum(1))
+            y = y.to(work) + (powers[1:] * h.unsqueeze(1)).real  # what the past adds: Re(λ^{i+1} h)
+            h.copy_(powers[L] * h + (powers[:L].flip(0) * u.to(work)).sum(1))
         return y.to(u.dtype)
 
     # --- cached decoding: the spectral state, and the local branch's ring of the last 2W keys and values -----
     def init_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         """Static: O(1) in `max_len` (the spectral recurrence's state, a ring of 2W keys and values)."""
         ring = (batch, self.n_head, 2 * self.cfg.chunk, self.d_head)
-        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        work = torch.float64 if dtype == torch.float64 else torch.float32
         if self.rotary is not None:
             self.rotary.reserve(max_len, device)
         return {"pos": torch.zeros((), dtype=torch.long, device=device),
-                "state": torch.zeros(batch, self.proj.out_features, device=device, dtype=complex_dtype),
+                "state": torch.zeros(batch, self.proj.out_features, 2, device=device, dtype=work),  # Re, Im of h
                 "k": torch.zeros(ring, device=device, dtype=dtype), "v": torch.zeros(ring, device=device, dtype=dtype)}
 
     def _attend_step(self, q, k, v, cache: dict) -> torch.Tensor:
