@@ -137,17 +137,17 @@ def test_mhf_fused_path_choice(monkeypatch):
     assert build(n_head=8).fused_parts(cuda, torch.bfloat16) == ["pre_norm"]  # d_head 8: the gate conv in PyTorch
     with pytest.raises(RuntimeError, match="module_impl=fast"):
         build(module_impl="fast").fused_parts(cpu, torch.bfloat16)
-    assert "triton conv+LayerNorm and SiLU+gate conv (eager" in build().path(cuda)
+    assert build().path(cuda).endswith("around it: triton conv+LayerNorm and SiLU+gate conv")
     assert "PyTorch composition" in build().path(cpu)
 
 
-def test_auto_leaves_a_compiled_module_to_inductor():
-    """Under torch.compile, auto takes the composition (Inductor fuses it, faster on an H200); fast keeps the
-    kernels."""
+def test_auto_keeps_the_kernels_in_a_compiled_module():
+    """Under torch.compile, auto keeps the kernels as fast does (custom operators inside Inductor's graph: 4.8 ms
+    against 6.1 for Inductor's fusion of the composition, one H100 run); torch keeps the composition."""
     from caracal_cli.config import ModelConfig
     from caracal_cli.mixers import build_mixer
 
-    for impl, parts in (("auto", 0), ("fast", 2)):
+    for impl, parts in (("auto", 2), ("fast", 2), ("torch", 0)):
         mixer = build_mixer({"kind": "mhf", "module_impl": impl}, ModelConfig(d_model=64, n_head=4), "m")
         probe = lambda x, mixer=mixer: x + len(mixer.fused_parts(torch.device("cuda"), torch.bfloat16))  # noqa: E731
         torch._dynamo.reset()

@@ -97,12 +97,12 @@ class MHF(nn.Module):
         # torch.fft on an H100 or H200), torch.fft elsewhere | torch: always the exact torch.fft path | fast:
         # the kernels or an error.
         fft_impl: str = "auto"
-        # What surrounds the convolution: auto: eager on CUDA in bf16/fp16, the pre-convolution with the LayerNorm
-        # and SiLU with the gate convolution as Triton kernels (`pre_norm.py`, `gate_conv.py`); under torch.compile
-        # and elsewhere the PyTorch composition, which Inductor fuses (on an H200 at d=768, 65,536 tokens, fwd+bwd:
-        # eager 10.2 → 6.3 ms with the kernels; compiled 5.2 ms without, 6.1 with) | torch: always the
-        # composition (the reference) | fast: the kernels, compiled or not, or an error. Cached decoding sums
-        # each block with `decode_sum.py`'s kernel on CUDA unless this is torch.
+        # What surrounds the convolution: auto: on CUDA in bf16/fp16, eager or compiled, the pre-convolution with
+        # the LayerNorm and SiLU with the gate convolution as Triton kernels (`pre_norm.py`, `gate_conv.py`),
+        # elsewhere the PyTorch composition (on an H100 at d=768, L=2048, 65,536 tokens, fwd+bwd, one run: eager
+        # 11.4 → 5.4 ms with the kernels; compiled 6.1 ms as Inductor fuses the composition, 4.8 with the
+        # kernels) | torch: always the composition (the reference) | fast: the kernels or an error. Cached
+        # decoding sums each block with `decode_sum.py`'s kernel on CUDA unless this is torch.
         module_impl: str = "auto"
         # Cached decoding sums the current block of this many positions exactly and folds finished blocks by FFT
         # (see `init_cache`): per token O(decode_block·d) plus one FFT over the history per block.
@@ -136,14 +136,12 @@ class MHF(nn.Module):
         fused = {"pre_norm": "conv+LayerNorm", "gate": "SiLU+gate conv"}
         kernels = [fused[part] for part in self.fused_parts(device, torch.bfloat16, quiet=True)]
         module = f"triton {' and '.join(kernels)}" if kernels else "PyTorch composition"
-        if kernels and self.cfg.module_impl == "auto":
-            module += " (eager; compiled: the composition, fused by Inductor)"
         return f"{fftconv.path_label(device, self.cfg.fft_impl)}; around it: {module}"
 
     def fused_parts(self, device: torch.device, dtype: torch.dtype, quiet: bool = False) -> list[str]:
         """Which of "pre_norm" and "gate" run as Triton kernels for inputs computed in `dtype` on `device`. The
         one place that decides; module_impl=fast raises (unless `quiet`) where a part present cannot run."""
-        if self.cfg.module_impl == "torch" or (self.cfg.module_impl == "auto" and torch.compiler.is_compiling()):
+        if self.cfg.module_impl == "torch":
             return []
         why = None
         if device.type != "cuda":
