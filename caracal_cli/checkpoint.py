@@ -288,11 +288,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", with_tokeni
 def _relax_forced_paths(config: Config, device: torch.device, dtype: torch.dtype) -> None:
     """A run trained with `fast` kernels loads where they cannot run (a CPU, float32 evaluation) with `auto`
     instead, and says so: the same function, to the kernels' tolerance. Training refuses instead (train.py)."""
-    from caracal_cli.model import build_model, forced_path_errors
+    from caracal_cli.model import forced_path_errors
 
-    with torch.device("meta"):
-        errors = forced_path_errors(build_model(config.model), device, dtype)
-    for letter, error in errors.items():
+    for letter, error in forced_path_errors(config.model, device, dtype).items():
         mixer = config.model.mixers[letter]
         for key in ("fft_impl", "module_impl"):
             if mixer.get(key) == "fast":

@@ -599,11 +599,11 @@ def generate(
         err_console.print(f"using the newest run: {checkpoint}", highlight=False)
     where = resolve_device(device)
     try:  # before the checkpoint loads: a bad option costs nothing
-        _, compute = decode_settings(decode_impl, dtype, torch.device(where))
+        impl, compute = decode_settings(decode_impl, dtype, torch.device(where))
     except ValueError as error:
         raise UserError(str(error)) from None
     model, config, tokenizer, ckpt = load_model(checkpoint, where, dtype=compute)
-    decoder = decoder_for(model, decode_impl, dtype)
+    decoder = decoder_for(model, impl, compute)
     ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k or None, top_p,
                        seed, stop=lambda produced: produced[-1] == tokenizer.eot_id, decoder=decoder)
     console.print(prompt, end="", style="bold", highlight=False, markup=False)

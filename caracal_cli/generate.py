@@ -191,12 +191,12 @@ def decode_settings(impl: str, dtype: str, device: torch.device) -> tuple[str, t
     return impl, AUTOCAST_DTYPES[dtype]
 
 
-def decoder_for(model, impl: str = "auto", dtype: str = "auto") -> Decoder:
-    """The Decoder of `decode_settings(impl, dtype)` on the model's device."""
-    device = next(model.parameters()).device
-    impl, autocast = decode_settings(impl, dtype, device)
-    return Decoder(model, graphs=impl != "eager" and device.type == "cuda", autocast=autocast,
-                   compile_step=impl == "compiled")
+def decoder_for(model, impl: str, autocast: torch.dtype | None, **options) -> Decoder:
+    """A Decoder that runs the decoding path `impl` (one of DECODE_IMPLS; compiled is also captured in a graph
+    on CUDA); `options` go to Decoder as they are."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    return Decoder(model, graphs=impl == "graph" or (impl == "compiled" and cuda), autocast=autocast,
+                   compile_step=impl == "compiled", **options)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -194,13 +194,16 @@ def flops_per_token(model: LanguageModel, seq_len: int) -> dict[str, float]:
     return {"matmul": matmul, "mixing": mixing, "forward": forward, "train": 3 * forward}
 
 
-def forced_path_errors(model: LanguageModel, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+def forced_path_errors(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """Pattern letter → why that mixer's forced kernels (`fft_impl: fast`, `module_impl: fast`) cannot run on
-    `device` with `dtype` inputs at the model's context; empty where everything can."""
+    `device` with `dtype` inputs at the context; empty where everything can. Asked of a model built on the
+    meta device (no memory), before a run or a checkpoint's model is built."""
+    with torch.device("meta"):
+        model = build_model(config)
     errors = {}
-    for letter, block in zip(model.config.layer_kinds(), model.blocks, strict=True):
+    for letter, block in zip(config.layer_kinds(), model.blocks, strict=True):
         check = getattr(block.mixer, "forced_path_error", None)
-        error = check(device, dtype, model.config.context) if check is not None else None
+        error = check(device, dtype, config.context) if check is not None else None
         if error is not None:
             errors.setdefault(letter, error)
     return errors

@@ -436,12 +436,11 @@ def decode_point(model, runner, length: int, settings: SpeedSettings, device: to
     """Prefill `batch` contexts of `length` tokens (untimed), then time `decode_tokens` greedy steps of one token
     per sequence (rounded up to whole `decode_period`s: a window of 32 tokens from a block boundary held one MHF
     fold, 8 times its share over 256 tokens) through a `generate.Decoder` with caches of exactly length + steps
-    positions: its eager
-    step, or (`impl` graph) the same step captured once as a CUDA graph and replayed, or (compiled) the step
-    compiled by Inductor, captured likewise on CUDA (compiled in the untimed set-up on CUDA, in the warm-up
-    runs elsewhere). Per step; tokens/s counts the batch's tokens. `runner` (a --compile'd model) is not
-    used: decoding has its own compiled forms."""
-    from caracal_cli.generate import Decoder
+    positions: its eager step, or (`impl` graph) the same step captured once as a CUDA graph and replayed, or
+    (compiled) the step compiled by Inductor, captured likewise on CUDA (compiled in the untimed set-up on CUDA,
+    in the warm-up runs elsewhere). Per step; tokens/s counts the batch's tokens. `runner` (a --compile'd model)
+    is not used: decoding has its own compiled forms."""
+    from caracal_cli.generate import decoder_for
 
     lacking = sorted({type(block.mixer).__name__ for block in model.blocks if not hasattr(block.mixer, "init_cache")})
     if lacking:
@@ -449,8 +448,7 @@ def decode_point(model, runner, length: int, settings: SpeedSettings, device: to
     period, dtype = decode_period(model), settings.torch_dtype
     steps = -(-settings.decode_tokens // period) * period
     context = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
-    graphs = impl == "graph" or (impl == "compiled" and device.type == "cuda")
-    decoder = Decoder(model, graphs=graphs, autocast=dtype, keep=1, compile_step=impl == "compiled")
+    decoder = decoder_for(model, impl, dtype, keep=1)
 
     def setup():
         token = decoder.start(context, steps, length=length + steps).argmax(-1)

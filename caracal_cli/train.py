@@ -534,10 +534,8 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
 
 def _check_forced_paths(config: Config, device: torch.device) -> None:
     """Refuse a `fast` kernel setting the device cannot run before the run directory is touched."""
-    with torch.device("meta"):
-        model = build_model(config.model)
     compute = AUTOCAST_DTYPES[config.train.dtype] if device.type == "cuda" else torch.float32
-    errors = forced_path_errors(model, device, compute)
+    errors = forced_path_errors(config.model, device, compute)
     if errors:
         raise TrainError("; ".join(f"model.mixers.{letter}: {error}" for letter, error in errors.items())
                          + " (auto chooses the kernels where they run)")

@@ -174,9 +174,9 @@ def test_decode_settings_resolve_auto_per_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # resolving needs no device
     assert decode_settings("auto", "auto", cuda) == ("graph", torch.bfloat16)
     model = build_model(load_preset("demo", ["model.vocab_size=101"]).model).eval()
-    decoder = decoder_for(model, "compiled", "auto")
+    decoder = decoder_for(model, *decode_settings("compiled", "auto", cpu))
     assert not decoder.graphs and decoder.autocast is None and decoder._compiled_step is not None
-    assert decoder_for(model, "eager", "bf16").autocast == torch.bfloat16
+    assert decoder_for(model, *decode_settings("eager", "bf16", cpu)).autocast == torch.bfloat16
 
 
 def test_generate_command_decode_options(run_dir):
