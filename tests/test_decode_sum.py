@@ -69,3 +69,26 @@ def test_path_choice():
     assert decode_sum.decode_sum_path(torch.device("cuda"), torch.float64) == "torch"
     expected = "triton" if decode_sum.TRITON_AVAILABLE else "torch"
     assert decode_sum.decode_sum_path(torch.device("cuda"), torch.bfloat16) == expected
+
+
+@interpreter
+def test_folds_through_the_convolution_kernels_as_the_full_forward(monkeypatch):
+    """Where the Triton convolution runs (forced here; float32, so the kernels' own arithmetic is checked), the
+    fold of finished blocks is the convolution of the zero-padded streams: decoding still equals the full forward."""
+    from caracal_cli.mixers import fftconv
+
+    monkeypatch.setattr(fftconv, "fft_conv_path", lambda *args, **kwargs: "triton")
+    lengths = []
+    fast = fftconv.causal_fft_conv_fast
+    monkeypatch.setattr(fftconv, "causal_fft_conv_fast", lambda v, g: lengths.append(v.shape[1]) or fast(v, g))
+    torch.manual_seed(0)
+    small = ["model.vocab_size=101", "model.d_model=32", "model.n_head=2", "model.n_layer=3"]
+    model = build_model(load_preset("demo", [*small, "model.mixers.F.decode_block=4"]).model).eval()
+    ids = torch.randint(0, 101, (2, 14))
+    decoder = Decoder(model, graphs=False)
+    logits = [decoder.start(ids[:, :5], 9)]
+    logits += [decoder.step(ids[:, t]) for t in range(5, 13)]
+    with torch.no_grad():
+        full = model(ids)[:, 4:13]
+    torch.testing.assert_close(torch.stack(logits, 1), full, rtol=1e-4, atol=1e-4)
+    assert {8, 12, 16} <= set(lengths)  # the folds at c = 4, 8, 12 (c + S positions each)

@@ -262,17 +262,26 @@ class MHF(nn.Module):
             self._fold(cache, pos)
 
     def _fold(self, cache: dict, c: int) -> None:
-        """F_{c+i} = Σ_{j, k < c, j+k = c+i} v_j ⊙ g_k for i < S, into cache["folded"]: one FFT of n ≥ c + S
-        points (the circular wrap-around then lands below c)."""
-        folded = cache["folded"]
+        """F_{c+i} = Σ_{j, k < c, j+k = c+i} v_j ⊙ g_k for i < S, into cache["folded"]: the Triton convolution where
+        `fft_impl` runs it for c + S positions, else one float32 FFT of n ≥ c + S points (the circular wrap-around
+        then lands below c)."""
+        folded, S = cache["folded"], cache["folded"].shape[1]
         if c == 0:
             folded.zero_()
             return
-        n = 1 << (c + folded.shape[1] - 1).bit_length()
+        v, g = cache["v"][:, :c], cache["g"][:, :c]
+        if fftconv.fft_conv_path(v.device, v.dtype, c + S, self.cfg.fft_impl) == "triton":
+            # The causal convolution of the streams zero-padded to c + S is F at positions c … c+S−1: the forward's
+            # kernels on the 16-bit cache, at the forward's own precision, where the float32 cuFFT transform
+            # below moves several times the bytes (at batch 64 and 16K positions it was half of a token's time).
+            padded = [F.pad(t, (0, 0, 0, S)) for t in (v, g)]
+            folded.copy_(fftconv.causal_fft_conv_fast(*padded)[:, c:])
+            return
+        n = 1 << (c + S - 1).bit_length()
         with autocast_off(folded.device):
-            vf = torch.fft.rfft(cache["v"][:, :c].transpose(1, 2).to(folded.dtype), n=n)  # [B, d, n/2+1]
-            gf = torch.fft.rfft(cache["g"][:, :c].transpose(1, 2).to(folded.dtype), n=n)
-            folded.copy_(torch.fft.irfft(vf * gf, n=n)[..., c:c + folded.shape[1]].transpose(1, 2))
+            vf = torch.fft.rfft(v.transpose(1, 2).to(folded.dtype), n=n)  # [B, d, n/2+1]
+            gf = torch.fft.rfft(g.transpose(1, 2).to(folded.dtype), n=n)
+            folded.copy_(torch.fft.irfft(vf * gf, n=n)[..., c:c + S].transpose(1, 2))
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token x [B, 1, D] at position t = cache["pos"], after `prepare_step(cache, t)`: the current block's

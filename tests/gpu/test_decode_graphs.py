@@ -5,8 +5,9 @@ forward); their decoding step is mamba_ssm's selective_state_update where the li
 import pytest
 import torch
 
-from caracal_cli.config import list_presets, load_preset
+from caracal_cli.config import ModelConfig, list_presets, load_preset
 from caracal_cli.generate import Decoder, generate_ids
+from caracal_cli.mixers import build_mixer
 from caracal_cli.model import build_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -71,3 +72,23 @@ def test_greedy_generation_is_identical_with_and_without_graphs(preset):
         fast = list(generate_ids(model, prompt, 60, temperature=0, decoder=graph))
         slow = list(generate_ids(model, prompt, 60, temperature=0, decoder=eager))
         assert fast == slow, preset
+
+
+
+@pytest.mark.parametrize("c", [256, 4096, 16128])
+def test_fold_through_the_kernels_equals_the_float32_fold(c):
+    """MHF's fold of finished blocks on a bf16 cache (batch 4, d = 768, S = 256): the Triton convolution of the
+    zero-padded streams (fft_impl auto) against the float32 cuFFT fold (fft_impl torch)."""
+    torch.manual_seed(0)
+    mixer = build_mixer({"kind": "mhf"}, ModelConfig(d_model=768, n_head=12), "mhf").cuda()
+    v = torch.randn(4, c + 256, 768, device="cuda").to(torch.bfloat16)
+    g = (0.5 + 0.5 * torch.randn(4, c + 256, 768, device="cuda")).to(torch.bfloat16)
+    folds = {}
+    for impl in ("auto", "torch"):
+        mixer.cfg.fft_impl = impl
+        cache = {"v": v, "g": g, "folded": torch.zeros(4, 256, 768, device="cuda")}
+        with torch.inference_mode():
+            mixer._fold(cache, c)
+        folds[impl] = cache["folded"]
+    got, want = folds["auto"], folds["torch"]
+    assert (got - want).norm() / want.norm() < 1e-2
