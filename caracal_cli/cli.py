@@ -138,7 +138,8 @@ def info(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML path; "
                                          "without it, list the shipped presets."),
     overrides: list[str] = typer.Option([], "--set", help="Override a preset key: section.key=value."),
-    device: str = typer.Option("cpu", help="Device whose kernel paths to report (cpu, cuda)."),
+    device: str = typer.Option("cpu", help="Device whose kernel paths and micro-batch to report: cpu, cuda, "
+                               "cuda:N or auto (micro_batch auto probes real steps on CUDA)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Parameter count, layer pattern, dimensions, FLOPs per token and kernel paths of a preset.
@@ -163,7 +164,7 @@ def info(
                           str(row["n_layer"]), str(row["n_head"]), row["pattern"], str(row["context"]))
         print_table(table)
         return
-    report = describe_preset(load_preset(preset, overrides), device)
+    report = describe_preset(load_preset(preset, overrides), resolve_device(device))
     if as_json:
         print(json.dumps(report, indent=2))
         return

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from caracal_cli.cli import app
@@ -57,6 +58,9 @@ def test_info_without_preset_lists_presets():
         (["info", "--preset", "nope"], "unknown preset 'nope'"),
         (["info", "--preset", "tiny", "--set", "model.n_head=7"], "not divisible"),
         (["info", "--preset", "tiny", "--set", "model.window"], "must look like key.path=value"),
+        (["info", "--preset", "tiny", "--device", "gpu"], "unknown device 'gpu'"),
+        pytest.param(["info", "--preset", "tiny", "--device", "cuda"], "--device cuda: no CUDA device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):
