@@ -33,7 +33,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from caracal_cli.config import CaracalError, Config, config_from_dict, warn
+from caracal_cli.config import CaracalError, Config, config_from_dict, read_yaml_mapping, warn
 from caracal_cli.fileio import UMASK, atomic_write, sha256_file, write_json
 from caracal_cli.mixers import mixer_config
 
@@ -76,7 +76,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {CONFIG_FILE} (is this a run directory made by `caracal train`?)")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml_mapping(path, "a run's config")
     return config_from_dict(raw, name=raw.get("name", Path(run_dir).name))
 
 

@@ -399,6 +399,8 @@ def train(
     """
     import signal
 
+    if peak_flops is not None and not 0 < peak_flops < float("inf"):  # NaN too: MFU would be logged as NaN
+        raise UserError(f"--peak-flops must be a positive number of FLOP/s, got {peak_flops}")
     if resume is None and preset is not None:
         check_preset(preset, overrides)  # before torch loads: a typo is reported at once
     elif resume is not None and overrides:
@@ -595,6 +597,8 @@ def generate(
         raise UserError("--prompt: the prompt is not UTF-8 text")
     if not prompt:
         raise UserError("the prompt is empty")
+    if seed is not None and not 0 <= seed < 2**64:  # what torch's generators take, as train.seed
+        raise UserError(f"--seed must be in [0, 2**64), got {seed}")
     if checkpoint is None:
         checkpoint = newest_run(runs_dir)
         err_console.print(f"using the newest run: {checkpoint}", highlight=False)
@@ -842,16 +846,20 @@ def ablate(
                          on_variant=progress)
     if as_json:
         print(json.dumps(report, indent=2, default=str))
-        return
-    for chosen in report["studies"].values():
-        header, cells = table_rows(chosen["rows"])
-        table = Table(title=chosen["title"])
-        for col in header:
-            table.add_column(col)
-        for row in cells:
-            table.add_row(*row)
-        console.print(table)
-    console.print(f"tables: {out / 'ablation.md'}, {out / 'ablation.json'}")
+    else:
+        for chosen in report["studies"].values():
+            header, cells = table_rows(chosen["rows"])
+            table = Table(title=chosen["title"])
+            for col in header:
+                table.add_column(col)
+            for row in cells:
+                table.add_row(*row)
+            console.print(table)
+        console.print(f"tables: {out / 'ablation.md'}, {out / 'ablation.json'}")
+    failed = [row["label"] for chosen in report["studies"].values() for row in chosen["rows"] if "error" in row]
+    if failed:  # the study went on past them; a script still learns that it is incomplete
+        raise UserError(f"{len(failed)} variant(s) failed ({', '.join(failed)}); their errors are in "
+                        f"{out / 'ablation.json'}, and re-running retries them")
 
 
 # --- demo -------------------------------------------------------------------------------------------------

@@ -157,6 +157,8 @@ class TrainConfig:
         for name in ("warmup_tokens", "weight_decay", "grad_clip", "seed", "fsdp_prefetch"):  # grad_clip 0: no clipping
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed >= 2**64:  # torch's generators take 64-bit seeds
+            raise ConfigError(f"train.seed must be < 2**64, got {self.seed}")
         if self.micro_batch != "auto" and (isinstance(self.micro_batch, str) or self.micro_batch < 1):
             raise ConfigError(f"train.micro_batch must be a positive integer or auto, got {self.micro_batch!r}")
         if self.memory_limit_gb is not None and not self.memory_limit_gb > 0:
@@ -293,17 +295,18 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str = "a preset") -> dict[str, Any]:
+    """The mapping in YAML file `path` ({} when empty); anything else is a ConfigError naming the file."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (a preset is YAML)") from None
+        raise ConfigError(f"{path}: not a text file ({what} is YAML)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a preset must be a YAML mapping")
+        raise ConfigError(f"{path}: {what} must be a YAML mapping")
     return raw
 
 
@@ -325,7 +328,7 @@ def _load_raw(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str
     path = _resolve_path(name_or_path).resolve()
     if path in seen:
         raise ConfigError(f"preset inheritance loops through {path.name}")
-    raw = _read_yaml(path)
+    raw = read_yaml_mapping(path)
     parent = raw.pop("inherit", None)
     if parent is None:
         return raw
@@ -334,7 +337,7 @@ def _load_raw(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str
     parent_path = path.parent / f"{parent}.yaml" if (path.parent / f"{parent}.yaml").exists() else parent
     base = _load_raw(parent_path, seen + (path,))
     base.pop("description", None)
-    if "model" in raw and "mixers" in raw["model"]:  # a preset that names mixers defines all of them
+    if isinstance(raw.get("model"), dict) and "mixers" in raw["model"]:  # naming mixers defines all of them
         base.get("model", {}).pop("mixers", None)
     return _deep_merge(base, raw)
 

@@ -447,16 +447,15 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | Non
     "checkpoint", "run_dir", "step", "results_path"}` (metrics without lm-eval's ",none" filter suffix).
     """
     use_offline_hub(online)
+    if out is not None and Path(out).is_dir():  # refused now, not after the evaluation
+        raise EvalError(f"--out {out}: is a directory (give the results file's name)")
     run_dir, ckpt = resolve_checkpoint(checkpoint)
     config = load_run_config(run_dir)
     names = resolve_task_names(config.eval.tasks if tasks is None else tasks)
     manager = task_manager_for(names, include_path)
     batch_size = batch_size or config.eval.batch_size
     num_fewshot = config.eval.num_fewshot if num_fewshot is None else num_fewshot
-    if limit is not None and limit <= 0:
-        raise EvalError(f"--limit must be > 0 (a count, or a fraction below 1); got {limit}")
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+    limit = check_limit(limit)
     if lm is None:
         lm = CaracalLM(checkpoint=str(ckpt), device=device, batch_size=batch_size)
 
@@ -481,6 +480,13 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | Non
     write_results(path, results)
     summary["results_path"] = str(path)
     return summary
+
+
+def check_limit(limit: float | None) -> float | None:
+    """lm-eval's limit: examples per task (from 1, made a whole number) or a fraction of each task (below 1)."""
+    if limit is not None and not 0 < limit < math.inf:  # NaN too
+        raise EvalError(f"--limit must be > 0 (a count, or a fraction below 1); got {limit}")
+    return int(limit) if limit is not None and limit >= 1 else limit
 
 
 def download_tasks(tasks: str | Iterable[str], include_path: str | Path | None = None) -> list[str]:

@@ -4,6 +4,7 @@ through `atomic_write`, so an interrupted run never leaves a half-written file u
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,6 +28,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary name beside `path` for a writer that wants a filename; rename it over `path` when
     the block succeeds, delete it when it fails."""
     path = Path(path)
+    if path.is_dir():  # else os.replace fails at the end, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

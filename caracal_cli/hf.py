@@ -340,11 +340,14 @@ def _local_folder(source: str) -> Path:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise HFError(f"{path}: missing") from None
     except json.JSONDecodeError as err:
         raise HFError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise HFError(f"{path}: not a JSON object")
+    return data
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -374,6 +377,8 @@ def _model_section(hf: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The caracal `model` section for a transformers config.json, and the name map of its class."""
     model_type = hf.get("model_type")
     if model_type == "caracal":
+        if not isinstance(hf.get("caracal_model"), dict):
+            raise HFError("config.json: model_type caracal without a caracal_model mapping")
         return hf["caracal_model"], CARACAL_NAMES
     native = next((n for n in NATIVE if n.model_type == model_type), None)
     if native is None:
@@ -386,6 +391,10 @@ def _model_section(hf: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         section.setdefault("n_head", max(1, hf["hidden_size"] // 64))
     except KeyError as err:
         raise HFError(f"config.json lacks {err.args[0]!r}") from None
+    except HFError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as err:  # "64" for hidden_size, 0 attention heads, …
+        raise HFError(f"config.json: a value of the wrong type or range ({err})") from None
     return section, native.names
 
 
@@ -393,9 +402,9 @@ def _infer_config(hf: dict[str, Any], section: dict[str, Any], name: str) -> Con
     """The run's config: the one exported with it (caracal's metadata); else a shipped preset whose model section
     is exactly this one; else the family's tiny preset's recipe with this model."""
     if METADATA_KEY in hf:
-        raw = yaml.safe_load(hf[METADATA_KEY]["config"])
+        raw = _exported_config(hf[METADATA_KEY])
         return config_from_dict(raw, raw.get("name", name))
-    family = section["family"]
+    family = section.get("family", "caracal")
     wanted = _resolved_model(section)
     candidates = [p for p in list_presets() if p == family or p.startswith(f"{family}-")]
     for preset in candidates:
@@ -407,6 +416,19 @@ def _infer_config(hf: dict[str, Any], section: dict[str, Any], name: str) -> Con
     base["model"] = {"init_std": base["model"]["init_std"], **section, "context": context}
     base.update(name=name, description=f"imported from a transformers {family} checkpoint")
     return config_from_dict(base, name)
+
+
+def _exported_config(metadata: Any) -> dict[str, Any]:
+    """The run config that `caracal export` put in config.json's metadata, as a mapping."""
+    text = metadata.get("config") if isinstance(metadata, dict) else None
+    try:
+        raw = yaml.safe_load(text) if isinstance(text, str) else None
+    except yaml.YAMLError:
+        raw = None
+    if not isinstance(raw, dict):
+        raise HFError(f"config.json: {METADATA_KEY!r} is not the metadata `caracal export` writes (a run config "
+                      f"as YAML under 'config')")
+    return raw
 
 
 def _resolved_model(section: dict[str, Any]) -> dict[str, Any]:
@@ -427,7 +449,10 @@ def _tokenizer_for(folder: Path, hf: dict[str, Any], label: str) -> Tokenizer:
         raise HFError(f"{folder}: no {TOKENIZER_FILE} (caracal reads fast tokenizers only)")
     from tokenizers import Tokenizer as HFTok
 
-    tok = HFTok.from_file(str(folder / TOKENIZER_FILE))
+    try:
+        tok = HFTok.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as err:  # tokenizers raises plain Exception on a malformed file
+        raise HFError(f"{folder / TOKENIZER_FILE}: not a valid tokenizer.json ({err})") from None
     settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     eos = settings.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from caracal_cli import runs
 from caracal_cli.config import CaracalError
 
 METRICS_FILE = "metrics.jsonl"
@@ -70,26 +71,8 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/metrics.jsonl; a torn last line (the run was killed while appending) is left
-    out, a damaged line elsewhere is an error naming it."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    lines = path.read_text(errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
-        except ValueError as err:
-            if number == len(lines):
-                break
-            raise CaracalError(f"{path}:{number}: not a metrics record ({err})") from None
-        records.append(record)
-    return records
+    """The records of RUN_DIR/metrics.jsonl, [] before the first (see `runs.read_metrics`)."""
+    return runs.read_metrics(run_dir, missing_ok=True)
 
 
 def _crc32c_table() -> list[int]:

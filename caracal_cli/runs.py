@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from caracal_cli.config import CaracalError, Config, parse_override
+from caracal_cli.config import CaracalError, Config, parse_override, read_yaml_mapping
 
 # A run directory's files, as `checkpoint` and `monitor` write them (named here too: importing those loads torch).
 CONFIG_FILE, METRICS_FILE, HISTORY_FILE = "config.yaml", "metrics.jsonl", "config_history.jsonl"
@@ -80,11 +78,29 @@ def run_dir_of(path: str | Path) -> Path:
 
 
 # --- metrics --------------------------------------------------------------------------------------------
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run: str | Path, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl ([] with `missing_ok` when there is none yet); a torn last line (the run
+    was killed while appending) is left out, a damaged line elsewhere is an error naming it."""
     path = Path(run) / METRICS_FILE
     if not path.is_file():
+        if missing_ok:
+            return []
         raise RunError(f"{run}: no {METRICS_FILE} yet")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError as err:
+            if number == len(lines):
+                break
+            raise RunError(f"{path}:{number}: not a metrics record ({err})") from None
+        records.append(record)
+    return records
 
 
 def curve(records: list[dict], metric: str, x: str = "tokens") -> tuple[list[float], list[float]]:
@@ -184,7 +200,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_diff(runs: list[Path]) -> dict[str, list[Any]]:
     """The config keys whose values differ between runs: {key: [value of each run]} (None where absent)."""
-    flats = [flatten(yaml.safe_load((run / CONFIG_FILE).read_text()) or {}) for run in runs]
+    flats = [flatten(read_yaml_mapping(run / CONFIG_FILE, "a run's config")) for run in runs]
     keys = sorted(set().union(*flats))
     return {key: [f.get(key) for f in flats] for key in keys
             if key not in ("name", "description") and len({json.dumps(f.get(key)) for f in flats}) > 1}

@@ -92,6 +92,21 @@ def test_bad_input_is_refused(data, tmp_path):
     assert result.exit_code == 1 and "unknown study 'everything'" in result.output
     result = CliRunner().invoke(app, ["ablate", "--data", str(tmp_path / "none"), "--size", "demo"])
     assert result.exit_code == 1 and "Traceback" not in result.output
+    # A bad --limit (or task: lm-eval's index of tasks takes seconds to build) is refused before any variant
+    # trains: each trained, then failed to evaluate.
+    result = CliRunner().invoke(app, ["ablate", "--data", str(data), "--size", "demo", "--study", "ratio",
+                                      "--out", str(tmp_path / "out"), "--tasks", "lambada", "--limit", "0"])
+    assert result.exit_code == 1 and "--limit must be > 0" in result.output and not (tmp_path / "out").exists()
+
+
+def test_failed_variants_make_the_exit_status_1(data, tmp_path):
+    """The study goes on past a failed variant and writes its table, but exits 1 (it exited 0)."""
+    result = CliRunner().invoke(app, ["ablate", "--data", str(data), "--size", "demo", "--study", "ratio",
+                                      "--steps", "1", "--device", "cpu", "--out", str(tmp_path),
+                                      *sets(*SMALL, "train.eval_tokens=8")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: 4 variant(s) failed (5:1, 3:1, 2:1 (default), 1:1)" in result.output.replace("\n", " ")
+    assert (tmp_path / "ablation.md").is_file()
 
 
 def test_variants_train_under_torchrun_and_resume_there(data, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 logits, local tasks end to end (simple_evaluate, the CLI, lm-eval's own CLI), task names, missing datasets."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -277,6 +278,13 @@ def test_download_only_loads_the_tasks_without_a_checkpoint(task_dir, tmp_path, 
                                  "--runs-dir", str(tmp_path / "no-runs")])
     assert result.exit_code == 0, result.output
     assert f"datasets of tiny_mc are in the HF cache ({tmp_path / 'hf'})" in result.output.replace("\n", " ")
+
+
+@pytest.mark.parametrize("limit", [0, -1, math.inf, math.nan])
+def test_a_limit_that_is_no_count_nor_fraction_is_refused(limit):
+    with pytest.raises(ev.EvalError, match="--limit must be > 0"):  # inf and nan raised inside lm-eval
+        ev.check_limit(limit)
+    assert ev.check_limit(None) is None and ev.check_limit(0.5) == 0.5 and ev.check_limit(6.0) == 6
 
 
 def test_cli_passes_lm_eval_arguments_through():

@@ -300,4 +300,12 @@ def test_cli_export_and_import_refuse_bad_input_in_one_line(runs, tmp_path):
     assert "gpt2" in fails("import", str(folder), "--out", str(tmp_path / "r"))
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
     assert "shape" in fails("import", str(folder), "--out", str(tmp_path / "r"))
+    for malformed, message in (([config], "not a JSON object"), ({**config, "hidden_size": "64"}, "wrong type"),
+                               ({**config, "caracal": {"config": "- 1"}}, "not the metadata `caracal export`"),
+                               ({"model_type": "caracal"}, "without a caracal_model mapping")):
+        (folder / "config.json").write_text(json.dumps(malformed))
+        assert message in fails("import", str(folder), "--out", str(tmp_path / "r"))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text("{")
+    assert "not a valid tokenizer.json" in fails("import", str(folder), "--out", str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()

@@ -517,14 +517,22 @@ def test_an_eval_budget_below_one_window_says_so(data, tmp_path):
     one_line_error(result, "train.eval_tokens=10 is less than one validation window of model.context = 64")
 
 
-@pytest.mark.parametrize("case", ["inherit-list", "binary", "nested-jsonl", "out-is-a-file", "read-only",
-                                  "prompt-file", "prompt-stdin"])
+@pytest.mark.parametrize("case", ["inherit-list", "inherit-section", "run-config", "binary", "nested-jsonl",
+                                  "out-is-a-file", "read-only", "prompt-file", "prompt-stdin"])
 def test_bad_input_is_one_line(case, data, tmp_path):
     path = tmp_path / "input"
     if case == "inherit-list":
         path = tmp_path / "p.yaml"
         path.write_text("inherit: [1, 2]\n")
         args, message = ["info", "--preset", str(path)], "inherit must name one preset (a string), got [1, 2]"
+    elif case == "inherit-section":
+        path = tmp_path / "p.yaml"
+        path.write_text("inherit: demo\nmodel: 3\n")
+        args, message = ["info", "--preset", str(path)], "config.model must be a mapping, got 3"
+    elif case == "run-config":
+        path = tmp_path / "config.yaml"
+        path.write_text("- 1\n")
+        args, message = ["train", "--resume", str(tmp_path)], "config.yaml: a run's config must be a YAML mapping"
     elif case == "binary":
         path = tmp_path / "p.yaml"
         path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")

@@ -169,6 +169,23 @@ def test_compare_diffs_configs_and_puts_curves_on_one_figure(tmp_path):
         compare_runs([a], tmp_path / "one")
 
 
+def test_plot_and_compare_refuse_damaged_runs_in_one_line(tmp_path):
+    """A torn last metrics line (a run killed while appending) is left out; a damaged line elsewhere, a config
+    that is not a mapping, or an --out that is a directory is one line (they raised tracebacks)."""
+    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b")
+    with open(a / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 7, "lo')
+    assert runner.invoke(app, ["plot", str(a), "-o", str(tmp_path / "a.png")]).exit_code == 0
+    (b / "config.yaml").write_text("- 1\n")
+    for args, message in ((["plot", str(a), "-o", str(tmp_path)], f"{tmp_path}: is a directory"),
+                          (["compare", str(a), str(b), "-o", str(tmp_path / "c")], "must be a YAML mapping")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    (a / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    result = runner.invoke(app, ["plot", str(a)])
+    assert result.exit_code == 1 and "metrics.jsonl:2: not a metrics record" in result.output
+
+
 def test_final_metrics_and_the_end_of_run_summary(tmp_path):
     run = fake_run(tmp_path / "run")
     final = final_metrics(run)
