@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from caracal_cli.mixers import MIXERS, build_mixer
-from caracal_cli.mixers.attention import Attention, apply_rope, attention_path, rope_tables
+from caracal_cli.mixers.attention import Attention, _sliding_block_mask, apply_rope, attention_path, rope_tables
 from caracal_cli.mixers.mhf import CausalConv1d, causal_fft_conv
 from caracal_cli.model import reset_caches
 from conftest import MIXER_EXAMPLES, all_mixer_examples, small_model_config
@@ -198,3 +198,28 @@ def test_attention_path_is_reported():
     assert attention_path(torch.device("cuda"), 8, 1024) == "flex_attention"
     assert attention_path(torch.device("cuda"), 8, 1000) == "sdpa+band-mask"  # lm-eval's odd lengths
     assert attention_path(torch.device("cuda"), None, 1000) == "sdpa-flash"
+
+
+@pytest.mark.parametrize("length", [128, 512, 1280])
+@pytest.mark.parametrize("window", [1, 64, 127, 128, 129, 256, 300, 4096])
+def test_sliding_block_mask_from_block_arithmetic_equals_create_block_mask(length, window):
+    """The SWA layers' flex_attention mask, built per block, equals the one create_block_mask finds by evaluating
+    every (q, k) pair: the same partial and full blocks, in the same order, both ways (forward and backward)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    got = _sliding_block_mask(length, window, "cpu")
+    want = create_block_mask(lambda b, h, q, k: (k <= q) & (q - k < window), None, None, length, length, device="cpu")
+    assert torch.equal(got.to_dense(), want.to_dense())
+    for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                            ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        n = getattr(got, counts)[0, 0]
+        assert torch.equal(n, getattr(want, counts)[0, 0]), counts
+        for row, count in enumerate(n.tolist()):
+            assert torch.equal(getattr(got, indices)[0, 0, row, :count], getattr(want, indices)[0, 0, row, :count])
+
+
+def test_sliding_block_mask_at_131072_positions_stays_small():
+    """create_block_mask needed [L, L] (17 GB of booleans alone) here; the block form holds [L/128, L/128]."""
+    mask = _sliding_block_mask(131072, 256, "cpu")
+    assert mask.kv_indices.shape == (1, 1, 1024, 1024) and mask.kv_num_blocks.max() == 2
+    assert mask.full_kv_num_blocks.max() == 1

@@ -88,12 +88,27 @@ def _compiled_flex():
 
 @functools.lru_cache(maxsize=32)
 def _sliding_block_mask(length: int, window: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
+    """flex_attention's block-sparse form of the causal band (k ≤ q, q − k < window) over `length` positions,
+    from block arithmetic. create_block_mask evaluates the mask at every (q, k) pair, [L, L] in memory: at
+    L = 131,072 its booleans and int64 intermediates exceeded an 80 GB GPU, where this needs [L/128, L/128]."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks = torch.arange(-(-length // FLEX_BLOCK), device=device)
+    apart = FLEX_BLOCK * (blocks[:, None] - blocks[None, :])  # query block i, key block j: q − k spans apart ± 127
+    lowest, highest = apart - (FLEX_BLOCK - 1), apart + (FLEX_BLOCK - 1)
+    full = (lowest >= 0) & (highest < window)  # every pair visible: no mask evaluated
+    partial = (highest >= 0) & (lowest < window) & ~full  # some pairs visible: the mask decides per element
+
+    def listed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query block, how many key blocks are chosen and their indices, ascending (padding after)."""
+        order = torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices
+        return chosen.sum(1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
 
     def sliding(b, h, q, k):
         return (k <= q) & (q - k < window)
 
-    return create_block_mask(sliding, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=sliding,
+                                    seq_lengths=(length, length))
 
 
 FLEX_BLOCK = 128  # flex_attention's block size: lengths that are multiples of it get the block-sparse kernel
