@@ -406,12 +406,15 @@ def _infer_config(hf: dict[str, Any], section: dict[str, Any], name: str) -> Con
         return config_from_dict(raw, raw.get("name", name))
     family = section.get("family", "caracal")
     wanted = _resolved_model(section)
-    candidates = [p for p in list_presets() if p == family or p.startswith(f"{family}-")]
-    for preset in candidates:
-        config = load_preset(preset)
+    candidates = [load_preset(p) for p in list_presets()]  # (Caracal's own are plain tiny, small, …)
+    candidates = [config for config in candidates if config.model.family == family]
+    for config in candidates:
         if _resolved_model(config.model.__dict__) == wanted:
             return config
-    base = load_preset(f"{family}-tiny").to_dict()
+    tiny = [config for config in candidates if config.name.split("-")[-1] == "tiny"]
+    if not tiny:
+        raise HFError(f"config.json: no shipped preset of family {family!r} to take a recipe from")
+    base = tiny[0].to_dict()
     context = section.pop("context", None) or base["model"]["context"]
     base["model"] = {"init_std": base["model"]["init_std"], **section, "context": context}
     base.update(name=name, description=f"imported from a transformers {family} checkpoint")
