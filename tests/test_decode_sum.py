@@ -74,7 +74,7 @@ def test_path_choice():
 @interpreter
 def test_folds_through_the_convolution_kernels_as_the_full_forward(monkeypatch):
     """Where the Triton convolution runs (forced here; float32, so the kernels' own arithmetic is checked), the
-    fold of finished blocks is the convolution of the zero-padded streams: decoding still equals the full forward."""
+    fold of finished blocks is the convolution of the reversed streams: decoding still equals the full forward."""
     from caracal_cli.mixers import fftconv
 
     monkeypatch.setattr(fftconv, "fft_conv_path", lambda *args, **kwargs: "triton")
@@ -91,4 +91,25 @@ def test_folds_through_the_convolution_kernels_as_the_full_forward(monkeypatch):
     with torch.no_grad():
         full = model(ids)[:, 4:13]
     torch.testing.assert_close(torch.stack(logits, 1), full, rtol=1e-4, atol=1e-4)
-    assert {8, 12, 16} <= set(lengths)  # the folds at c = 4, 8, 12 (c + S positions each)
+    assert {4, 8, 12} <= set(lengths)  # the folds at c = 4, 8, 12 (c positions each)
+
+
+@pytest.mark.parametrize("S", [1, 3, 8])
+def test_fold_of_the_reversed_streams_is_the_sum_of_finished_pairs(monkeypatch, S):
+    """The fold's Triton branch (its convolution swapped for the float64 reference here) and the cuFFT branch
+    both give F_{c+i} = Σ_{j, k < c, j+k = c+i} v_j g_k, summed directly, for c = S (the first fold) and later."""
+    from caracal_cli.config import ModelConfig
+    from caracal_cli.mixers import build_mixer, fftconv, mhf
+
+    mixer = build_mixer({"kind": "mhf"}, ModelConfig(d_model=16, n_head=2), "m")
+    monkeypatch.setattr(fftconv, "causal_fft_conv_fast", mhf.causal_fft_conv_reference)
+    torch.manual_seed(0)
+    for c in (S, 2 * S, 5 * S):
+        v, g = (torch.randn(2, c + S, 16, dtype=torch.float64) for _ in range(2))
+        want = torch.stack([sum(v[:, j] * g[:, c + i - j] for j in range(i + 1, c)) if i + 1 < c else
+                            torch.zeros(2, 16, dtype=torch.float64) for i in range(S)], 1)
+        for path in ("triton", "torch"):
+            monkeypatch.setattr(fftconv, "fft_conv_path", lambda *args, path=path, **kwargs: path)
+            cache = {"v": v, "g": g, "folded": torch.zeros(2, S, 16, dtype=torch.float64)}
+            mixer._fold(cache, c)
+            torch.testing.assert_close(cache["folded"], want, rtol=1e-12, atol=1e-12, msg=f"{path}, c={c}")

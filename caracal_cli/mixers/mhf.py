@@ -262,20 +262,21 @@ class MHF(nn.Module):
             self._fold(cache, pos)
 
     def _fold(self, cache: dict, c: int) -> None:
-        """F_{c+i} = Σ_{j, k < c, j+k = c+i} v_j ⊙ g_k for i < S, into cache["folded"]: the Triton convolution where
-        `fft_impl` runs it for c + S positions, else one float32 FFT of n ≥ c + S points (the circular wrap-around
-        then lands below c)."""
+        """F_{c+i} = Σ_{j, k < c, j+k = c+i} v_j ⊙ g_k for i < S, into cache["folded"]: the Triton convolution of
+        the reversed streams where `fft_impl` runs it for c positions, else one float32 FFT of n ≥ c + S points
+        (the circular wrap-around then lands below c)."""
         folded, S = cache["folded"], cache["folded"].shape[1]
         if c == 0:
             folded.zero_()
             return
         v, g = cache["v"][:, :c], cache["g"][:, :c]
-        if fftconv.fft_conv_path(v.device, v.dtype, c + S, self.cfg.fft_impl) == "triton":
-            # The causal convolution of the streams zero-padded to c + S is F at positions c … c+S−1: the forward's
+        if fftconv.fft_conv_path(v.device, v.dtype, c, self.cfg.fft_impl) == "triton":
+            # With both streams reversed (ṽ_m = v_{c−1−m}), F_{c+i} = Σ_m ṽ_m g̃_{c−2−i−m} is their causal convolution
+            # y at c−2−i: c positions suffice (a 16K context stays within the on-chip kernels). The forward's
             # kernels on the 16-bit cache, at the forward's own precision, where the float32 cuFFT transform
             # below moves several times the bytes (at batch 64 and 16K positions it was half of a token's time).
-            padded = [F.pad(t, (0, 0, 0, S)) for t in (v, g)]
-            folded.copy_(fftconv.causal_fft_conv_fast(*padded)[:, c:])
+            y = fftconv.causal_fft_conv_fast(v.flip(1), g.flip(1))
+            folded.copy_(F.pad(y, (0, 0, 1, 0))[:, c - S:c].flip(1))  # F_{c+i} = y[c−2−i]; y[−1] = 0 (c = S)
             return
         n = 1 << (c + S - 1).bit_length()
         with autocast_off(folded.device):
