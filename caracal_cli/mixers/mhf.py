@@ -276,7 +276,9 @@ class MHF(nn.Module):
             # kernels on the 16-bit cache, at the forward's own precision, where the float32 cuFFT transform
             # below moves several times the bytes (at batch 64 and 16K positions it was half of a token's time).
             y = fftconv.causal_fft_conv_fast(v.flip(1), g.flip(1))
-            folded.copy_(F.pad(y, (0, 0, 1, 0))[:, c - S:c].flip(1))  # F_{c+i} = y[c−2−i]; y[−1] = 0 (c = S)
+            rows = y[:, max(c - 1 - S, 0):c - 1].flip(1)  # F_{c+i} = y[c−2−i]; at c = S the last one is 0 (y[−1])
+            folded[:, :rows.shape[1]].copy_(rows)
+            folded[:, rows.shape[1]:].zero_()
             return
         n = 1 << (c + S - 1).bit_length()
         with autocast_off(folded.device):
