@@ -47,10 +47,13 @@ def _saved_bytes(model, micro: int, context: int) -> int:
         kept.setdefault(id(base), base)  # a tensor saved by several ops, or through views, is stored once
         return tensor
 
-    ids = torch.zeros(micro, context, dtype=torch.long, device="meta")
     with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         warnings.simplefilter("ignore")  # bf16 weights with float32 norms' inputs: fine for counting bytes
-        model(ids, targets=ids)
+        try:
+            ids = torch.zeros(micro, context, dtype=torch.long, device="meta")
+            model(ids, targets=ids)
+        except RuntimeError as err:  # a shape past int64 ("integer multiplication overflow"), even on meta
+            raise CaracalError(f"cannot estimate a step of {micro} × {context} tokens ({err})") from None
     return sum(t.numel() * t.element_size() for t in kept.values())
 
 

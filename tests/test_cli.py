@@ -59,6 +59,7 @@ def test_info_without_preset_lists_presets():
         (["info", "--preset", "tiny", "--set", "model.n_head=7"], "not divisible"),
         (["info", "--preset", "tiny", "--set", "model.window"], "must look like key.path=value"),
         (["info", "--preset", "tiny", "--device", "gpu"], "unknown device 'gpu'"),
+        (["info", "--preset", "tiny", "--set", "model.context=1000000000000"], "cannot estimate a step"),
         (["info", "--preset", "tiny", "--set", "train.seed=1e30"], "train.seed must be < 2**64"),
         (["train", "--preset", "tiny", "--peak-flops", "nan"], "--peak-flops must be a positive number"),
         (["generate", "--prompt", "x", "--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
