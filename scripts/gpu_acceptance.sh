@@ -11,6 +11,8 @@
 #                                           # autotune at every new shape: Mamba-2 takes ~4 minutes)
 #   MODELS="llama caracal swh" bash scripts/gpu_acceptance.sh decode   # the CUDA-graph decoding tests, then
 #                                           # decode points (eager, graph, compiled; batch 1 and 64) per model
+#   bash scripts/gpu_acceptance.sh long     # caracal (both FFT paths) vs llama at small, L = 32K … 128K, and
+#                                           # the bare convolution there
 #   bash scripts/gpu_acceptance.sh mhf      # the fused MHF kernels: GPU tests, the module alone (composition /
 #                                           # auto / fast, eager and compiled), caracal vs llama vs the composition
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
@@ -27,7 +29,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|mhf|train|mfu|trainer-mfu|loss|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|long|mhf|train|mfu|trainer-mfu|loss|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 source "$(dirname "$0")/gpu_common.sh"
 export PYTHONUNBUFFERED=1
@@ -115,6 +117,21 @@ decode)
     collect "$WORK"/{gputests_decode,decode_merged,decode_mixer,status}.log "$WORK/decode.json" "$WORK/decode_mixer.json"
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$WORK/gputests_decode.log" | tail -n 20
     cat "$WORK/decode_merged.log"
+    ;;
+long)
+    # Issue 21's long contexts: caracal (auto: torch.fft past 16,384), caracal with the Triton long path
+    # (fft_impl fast) and llama at small, 131,072 tokens per step (batch 1 at L = 131,072), one run; then the
+    # bare convolution at those lengths.
+    printf 'inherit: small\nmodel: {mixers: {F: {kind: mhf, fft_impl: fast}, A: {kind: attention, window: 256}}}\n' > "$WORK/caracal-fast.yaml"
+    step speed_long "${LIMIT:-300}" "${CARACAL[@]}" speed --size small --models "caracal,$WORK/caracal-fast.yaml,llama" \
+        --lengths "${LENGTHS:-32768,65536,131072}" --tokens-per-step 131072 --repeats 3 --warmup 1 --no-isolate \
+        --out "$WORK/speed_long"
+    cp "$WORK/speed_long/speed.json" "$WORK/speed_long.json" 2>/dev/null
+    step bench_long 150 env OUT="$WORK" python3 scripts/bench_fftconv.py --lengths 32768 131072 --mhf 32768 131072 \
+        --budget-s 120
+    collect "$WORK"/{speed_long,bench_long,status}.log "$WORK/speed_long.json" "$WORK/bench_fftconv.json"
+    grep -E "train L=|ratio" "$WORK/speed_long.log"
+    tail -n 20 "$WORK/bench_long.log"
     ;;
 mhf)
     # Issue 21: the fused MHF kernels' GPU tests; the module alone with the composition, the kernels where auto
