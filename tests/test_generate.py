@@ -49,6 +49,19 @@ def test_decode_step_reads_nothing_back_to_the_host(preset):
 
 
 @pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_decode_step_is_one_graph_for_the_compiler(preset):
+    """`--decode-impl compiled` needs the step in one Dynamo graph: a break splits it into frames that recompile
+    per call, and on an H100 (torch 2.11) one such break (an untraceable autocast query) ended in a failed CUDA-
+    graph capture. On CUDA the library kernels (mamba_ssm) are opaque calls inside that graph."""
+    model = build_model(load_preset(preset, ["model.vocab_size=101"]).model).eval()
+    caches = model.init_caches(2, 64)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model.decode_step)(torch.zeros(2, 1, dtype=torch.long), caches)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
 def test_sixteen_bit_linear_copies_give_autocasts_products(preset):
     """What the graph path captures instead of autocast's per-step casts: bf16 copies of the Linear weights give
     the same logits, bit for bit, under bf16 autocast; the model's own weights are back afterwards, tied ones
