@@ -72,26 +72,23 @@ def test_path_choice():
 
 
 @interpreter
-def test_folds_through_the_convolution_kernels_as_the_full_forward(monkeypatch):
-    """Where the Triton convolution runs (forced here; float32, so the kernels' own arithmetic is checked), the
-    fold of finished blocks is the convolution of the reversed streams: decoding still equals the full forward."""
-    from caracal_cli.mixers import fftconv
+def test_fold_through_the_convolution_kernels_equals_the_cufft_fold(monkeypatch):
+    """The fold's Triton branch with the real kernels (interpreted; float32, so their own arithmetic is checked)
+    on a slice of a longer cache, against the float32 FFT branch, at the first fold (c = S) and a later one."""
+    from caracal_cli.config import ModelConfig
+    from caracal_cli.mixers import build_mixer, fftconv
 
-    monkeypatch.setattr(fftconv, "fft_conv_path", lambda *args, **kwargs: "triton")
-    lengths = []
-    fast = fftconv.causal_fft_conv_fast
-    monkeypatch.setattr(fftconv, "causal_fft_conv_fast", lambda v, g: lengths.append(v.shape[1]) or fast(v, g))
+    mixer = build_mixer({"kind": "mhf"}, ModelConfig(d_model=16, n_head=2), "m")
     torch.manual_seed(0)
-    small = ["model.vocab_size=101", "model.d_model=32", "model.n_head=2", "model.n_layer=3"]
-    model = build_model(load_preset("demo", [*small, "model.mixers.F.decode_block=4"]).model).eval()
-    ids = torch.randint(0, 101, (2, 14))
-    decoder = Decoder(model, graphs=False)
-    logits = [decoder.start(ids[:, :5], 9)]
-    logits += [decoder.step(ids[:, t]) for t in range(5, 13)]
-    with torch.no_grad():
-        full = model(ids)[:, 4:13]
-    torch.testing.assert_close(torch.stack(logits, 1), full, rtol=1e-4, atol=1e-4)
-    assert {4, 8, 12} <= set(lengths)  # the folds at c = 4, 8, 12 (c positions each)
+    v, g = torch.randn(2, 40, 16), torch.randn(2, 40, 16)
+    for c in (8, 24):
+        folds = []
+        for path in ("triton", "torch"):
+            monkeypatch.setattr(fftconv, "fft_conv_path", lambda *args, path=path, **kwargs: path)
+            cache = {"v": v, "g": g, "folded": torch.zeros(2, 8, 16)}
+            mixer._fold(cache, c)
+            folds.append(cache["folded"])
+        torch.testing.assert_close(*folds, rtol=1e-4, atol=1e-4, msg=f"c={c}")
 
 
 @pytest.mark.parametrize("S", [1, 3, 8])
