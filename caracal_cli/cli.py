@@ -599,6 +599,8 @@ def generate(
         raise UserError("the prompt is empty")
     if seed is not None and not 0 <= seed < 2**64:  # what torch's generators take, as train.seed
         raise UserError(f"--seed must be in [0, 2**64), got {seed}")
+    if not temperature < float("inf"):  # inf sampled uniformly (the option's minimum turns NaN away)
+        raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     if checkpoint is None:
         checkpoint = newest_run(runs_dir)
         err_console.print(f"using the newest run: {checkpoint}", highlight=False)

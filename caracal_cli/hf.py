@@ -263,7 +263,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def _fresh_out(out: Path, overwrite: bool, what: str) -> Path:
     """A temporary directory beside `out`, after checking that `out` may be written."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise HFError(f"{out}: is a file, not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise HFError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}.", dir=out.parent))

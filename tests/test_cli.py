@@ -63,6 +63,7 @@ def test_info_without_preset_lists_presets():
         (["info", "--preset", "tiny", "--set", "train.seed=1e30"], "train.seed must be < 2**64"),
         (["train", "--preset", "tiny", "--peak-flops", "nan"], "--peak-flops must be a positive number"),
         (["generate", "--prompt", "x", "--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
+        (["generate", "--prompt", "x", "--temperature", "inf"], "--temperature must be a finite number"),
         (["eval", "--checkpoint", "nowhere", "--tasks", "paper", "--out", "."], "--out .: is a directory"),
         pytest.param(["info", "--preset", "tiny", "--device", "cuda"], "--device cuda: no CUDA device",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),

@@ -288,6 +288,9 @@ def test_cli_export_and_import_refuse_bad_input_in_one_line(runs, tmp_path):
 
     assert "--overwrite" in fails("export", str(runs["llama"]), "--out", str(exported(runs, "llama")))
     assert "--format" in fails("export", str(runs["llama"]), "--format", "gguf", "--out", str(tmp_path / "x"))
+    (tmp_path / "a-file").write_text("")
+    assert "is a file, not a folder" in fails("export", str(runs["llama"]), "--out", str(tmp_path / "a-file"),
+                                              "--overwrite")
     folder = tmp_path / "bad"
     folder.mkdir()
     assert "config.json" in fails("import", str(folder), "--out", str(tmp_path / "r"))
