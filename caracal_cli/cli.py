@@ -21,6 +21,12 @@ from rich.table import Table
 from caracal_cli import __version__
 from caracal_cli.config import CaracalError, check_preset, list_presets, load_preset
 
+# Expandable segments: the probe of micro-batches, prefill buckets and long contexts allocate blocks of many
+# sizes, and the fixed-size segments of the default allocator strand gigabytes between them (an H100 ran out of
+# memory at L = 32,768 with 7.5 GiB reserved but free). Set before torch starts CUDA; the user's setting wins.
+if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,

@@ -129,7 +129,8 @@ class Decoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         swapped = self._cast.swapped if self._cast is not None else contextlib.nullcontext
-        with torch.cuda.stream(stream), self._autocast(), swapped():
+        # the capture's own autocast state: torch.compile guards on it, and a recompile must not happen in capture
+        with torch.cuda.stream(stream), self._autocast(capturing=True), swapped():
             for pos in range(2):
                 self.model.prepare_step(slot.caches, pos)
                 self._decode_step()(slot.tokens, slot.caches)

@@ -274,6 +274,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "timer": "torch.cuda.Event (GPU time)" if cuda else "time.perf_counter (wall time)",
         "memory": ("torch.cuda.max_memory_allocated: peak bytes during the point, weights included" if cuda
                    else "n/a: not measured on CPU (torch keeps no peak counter for host memory)"),
+        "allocator": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "argv": list(sys.argv),
     }
 

@@ -214,6 +214,49 @@ def test_library_delegation_runs_on_the_mixers_own_parameters():
     assert set(mixer.state_dict()) == keys
 
 
+
+def state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """selective_state_update's contract in plain PyTorch (3-D Mamba or 4-D Mamba-2 shapes, groups of heads
+    sharing B and C), standing in for mamba_ssm's Triton kernel on a CPU."""
+    heads = state.dim() == 4
+    if not heads:
+        state, x, dt, A, B, C, D, z, dt_bias = (t if t is None else t.unsqueeze(i) for t, i in zip(
+            (state, x, dt, A, B, C, D, z, dt_bias), (1, 1, 1, 0, 1, 1, 0, 1, 0), strict=True))
+    dt = dt + dt_bias if dt_bias is not None else dt
+    dt = F.softplus(dt) if dt_softplus else dt
+    repeat = state.shape[1] // B.shape[1]
+    Bh, Ch = B.repeat_interleave(repeat, 1)[:, :, None], C.repeat_interleave(repeat, 1)[:, :, None]
+    state.copy_(torch.exp(dt[..., None] * A) * state + (dt * x)[..., None] * Bh)
+    out = (state * Ch).sum(-1) + (D * x if D is not None else 0)
+    out = out * F.silu(z) if z is not None else out
+    return out if heads else out[:, 0]
+
+
+@pytest.mark.parametrize("raw", [{"kind": "mamba"},
+                                 {"kind": "mamba2", "d_state": 8, "headdim": 8},
+                                 {"kind": "mamba2", "d_state": 4, "headdim": 4, "ngroups": 2}])
+def test_library_step_through_the_op_equals_the_reference_step(raw, monkeypatch):
+    """The library's one-token step goes through one custom op (torch.compile does not trace mamba_ssm's
+    Python): with a reference kernel behind it, its arguments, Mamba-2's per-head broadcasts and the in-place
+    state update give the reference step's outputs and states, eager and compiled as one graph."""
+    from caracal_cli.mixers import mamba
+
+    backend = mamba.MambaBackend(None, None, False, "stand-in", state_update_reference)
+    monkeypatch.setattr(mamba, "mamba_backend", lambda: backend)
+    mixer = make(raw, d_model=16).double()
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    reference, library = mixer.init_cache(3, 8, dtype=torch.float64), mixer.init_cache(3, 8, dtype=torch.float64)
+    compiled_cache = mixer.init_cache(3, 8, dtype=torch.float64)
+    compiled = torch.compile(mixer._library_step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            want = mixer.step(x[:, t:t + 1], reference)
+            torch.testing.assert_close(mixer._library_step(x[:, t:t + 1], library), want)
+            torch.testing.assert_close(compiled(x[:, t:t + 1], compiled_cache), want)
+    for name in reference:
+        torch.testing.assert_close(library[name], reference[name])
+        torch.testing.assert_close(compiled_cache[name], reference[name])
+
 # --- whole models --------------------------------------------------------------------------------------------
 LLAMA = {"tiny": "llama-tiny", "small": "llama-small", "medium": "llama-medium", "large": "llama-large"}
 

@@ -74,3 +74,18 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert result.exit_code == 1
     assert message in result.output.replace("\n", " ")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("user", [None, ("PYTORCH_ALLOC_CONF", "backend:native"),
+                                  ("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")])
+def test_the_cli_asks_for_expandable_segments_unless_the_user_chose(user):
+    """Set on import of the CLI, before torch starts CUDA; a user's own allocator setting is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    env.update([user] if user else [])
+    code = "import os, caracal_cli.cli; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("expandable_segments:True" if user is None else str(env.get("PYTORCH_CUDA_ALLOC_CONF")))

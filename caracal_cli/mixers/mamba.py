@@ -65,6 +65,27 @@ def mamba_backend() -> MambaBackend:
                         f"mamba_ssm {getattr(mamba_ssm, '__version__', '?')}", selective_state_update)
 
 
+@torch.library.custom_op("caracal::selective_state_update", mutates_args=("state",),
+                         schema="(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
+                                "Tensor? z, Tensor dt_bias) -> Tensor")
+def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias):
+    """mamba_ssm's fused one-token step (Δ = softplus(dt + dt_bias)), updating `state` in place, as one op that
+    torch.compile does not look into: tracing the library's Python (shape checks, a device context) and its
+    Triton launch took the compiled Mamba step past minutes. With a [B, H, P, N] state (Mamba-2), dt [B, H] and
+    A, D, dt_bias [H] are per-head scalars, broadcast over headdim here with stride 0, as the kernel expects
+    (it then reads them once per head)."""
+    if state.dim() == 4:
+        Bsz, H, P, N = state.shape
+        dt, A = dt[..., None].expand(Bsz, H, P), A[:, None, None].expand(H, P, N)
+        D, dt_bias = D[:, None].expand(H, P), dt_bias[:, None].expand(H, P)
+    return mamba_backend().state_update(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
+
+
+@selective_state_update.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias):
+    return torch.empty_like(x)
+
+
 def choose_path(impl: str, device: torch.device) -> str:
     """'library' or 'reference' for config `impl` on `device`. `library` never falls back silently."""
     if impl == "reference" or (impl == "auto" and device.type != "cuda"):
@@ -336,9 +357,8 @@ class Mamba(nn.Module):
         u, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # [B, E] each
         u = F.silu(causal_depthwise_conv(u.unsqueeze(1), self.conv1d, cache["conv"]))[:, 0]
         dt, B, C = self.x_proj(u).split([self.dt_rank, N, N], dim=-1)
-        y = mamba_backend().state_update(cache["ssm"], u, F.linear(dt, self.dt_proj.weight),
-                                         -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
-                                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        y = selective_state_update(cache["ssm"], u, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()),
+                                   B, C, self.D.float(), z, self.dt_proj.bias.float())
         cache["pos"].add_(1)
         return self.out_proj(y.unsqueeze(1).to(x.dtype))
 

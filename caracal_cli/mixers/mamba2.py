@@ -35,6 +35,7 @@ from caracal_cli.mixers.mamba import (
     inverse_softplus_dt,
     mamba_backend,
     run_library,
+    selective_state_update,
     validate_impl,
     work_dtype,
 )
@@ -202,19 +203,16 @@ class Mamba2(nn.Module):
         return self.forward(x, cache)
 
     def _library_step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """The step with mamba_ssm's fused `selective_state_update` (per-head scalars broadcast over headdim
-        with stride 0, as its own Mamba2.step passes them), then the gated norm."""
+        """The step with mamba_ssm's fused `selective_state_update` (per-head scalars, broadcast over headdim
+        inside the op, as its own Mamba2.step passes them), then the gated norm."""
         Bsz = x.shape[0]
         H, P, N, G = self.nheads, self.cfg.headdim, self.cfg.d_state, self.cfg.ngroups
         E = H * P
         z, xBC, dt = self.in_proj(x[:, 0]).split([E, E + 2 * G * N, H], dim=-1)
         xBC = F.silu(causal_depthwise_conv(xBC.unsqueeze(1), self.conv1d, cache["conv"]))[:, 0]
         xs, B, C = xBC.split([E, G * N, G * N], dim=-1)
-        y = mamba_backend().state_update(
-            cache["ssm"], xs.reshape(Bsz, H, P), dt.unsqueeze(-1).expand(Bsz, H, P),
-            (-torch.exp(self.A_log.float()))[:, None, None].expand(H, P, N), B.reshape(Bsz, G, N),
-            C.reshape(Bsz, G, N), self.D[:, None].expand(H, P), dt_bias=self.dt_bias[:, None].expand(H, P),
-            dt_softplus=True)
+        y = selective_state_update(cache["ssm"], xs.reshape(Bsz, H, P), dt, -torch.exp(self.A_log.float()),
+                                   B.reshape(Bsz, G, N), C.reshape(Bsz, G, N), self.D, None, self.dt_bias)
         with autocast_off(x.device):
             y = self.norm(y.reshape(Bsz, 1, E), z.unsqueeze(1))
         cache["pos"].add_(1)
