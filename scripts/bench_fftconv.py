@@ -275,7 +275,7 @@ def main() -> None:
             print(f"max rel. error (y, dv, dg) {name}: {worst:.2e}")
     for L in Ls:
         if "triton stages" in results[L] and "error" not in results[L]["triton stages"]:
-            n = batch_for(L) * L * D
+            n = batch_for(int(L)) * int(L) * D  # the keys are strings (JSON)
             print(f"stages L={L} (ms, TB/s): " + ", ".join(f"{k} {t:.3f} {STAGE_BYTES[k] * n / t / 1e9:.2f}"
                                                           for k, t in results[L]["triton stages"].items()))
 
