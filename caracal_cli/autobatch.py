@@ -108,16 +108,16 @@ def apply_memory_limit(config: Config, device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, config.train.memory_limit_gb / device_gib(device)), device)
 
 
-def _estimate_gib(config: Config, micro_batch: int, checkpointing: str) -> float:
+def _estimate_gib(config: Config, micro_batch: int, checkpointing: str, device: str = "cpu") -> float:
     from caracal_cli.info import train_memory_estimate
 
-    return train_memory_estimate(config, micro_batch, checkpointing)["total_gib"]
+    return train_memory_estimate(config, micro_batch, checkpointing, device)["total_gib"]
 
 
-def _seed_index(config: Config, sizes: list[int], limit: float, checkpointing: str) -> int:
+def _seed_index(config: Config, sizes: list[int], limit: float, checkpointing: str, device: str) -> int:
     """Where the probe starts: the largest size the estimate fits (the estimate is linear in the size)."""
-    base = _estimate_gib(config, 1, checkpointing)
-    per_sequence = max(_estimate_gib(config, 2, checkpointing) - base, 1e-9)
+    base = _estimate_gib(config, 1, checkpointing, device)
+    per_sequence = max(_estimate_gib(config, 2, checkpointing, device) - base, 1e-9)
     fitting = [i for i, m in enumerate(sizes) if base + (m - 1) * per_sequence <= HEADROOM * limit]
     return fitting[-1] if fitting else 0
 
@@ -210,7 +210,7 @@ def resolve(config: Config, device: torch.device, world_size: int = 1, log: Call
     note = ""
     try:
         for checkpointing in dict.fromkeys([tc.activation_checkpointing, "block"]):
-            start = _seed_index(config, sizes, limit, checkpointing)
+            start = _seed_index(config, sizes, limit, checkpointing, device.type)
             chosen = largest_fitting(sizes, lambda m, c=checkpointing: fits(m, c), start)  # noqa: B023
             if chosen is not None:
                 break

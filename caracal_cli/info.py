@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -16,23 +17,28 @@ def _meta_model(config: Config):
         return build_model(config.model)
 
 
-def train_memory_estimate(config: Config, micro_batch: int | None = None,
-                          checkpointing: str | None = None) -> dict[str, float]:
+def train_memory_estimate(config: Config, micro_batch: int | None = None, checkpointing: str | None = None,
+                          device: str = "cpu") -> dict[str, float]:
     """GiB one training step holds at `micro_batch` (default the preset's; 1 for auto): the activations
     autograd saves in one bf16 forward and loss (traced on the meta device, each saved tensor counted once; bf16
     weights stand in for autocast), plus 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments).
     With block checkpointing (default the preset's setting), the blocks' inputs plus one block recomputed.
 
-    An estimate, not a measurement: it follows the CPU kernels (attention that saves its probabilities, the
-    reference SSM scan) and leaves out transient buffers and allocator slack; `train.micro_batch: auto` measures
-    real steps on a GPU, and `scripts/gpu_memory_check.py` too."""
+    An estimate, not a measurement: attention follows `device`'s kernels (on CUDA, flash and flex_attention
+    save O(L) per head; on a CPU, a sliding window's band-masked SDPA saves its [L, L] weights), everything else
+    the reference paths (MHF's torch.fft, the reference SSM scan); transient buffers and allocator slack are left
+    out. `train.micro_batch: auto` measures real steps on a GPU, and `scripts/gpu_memory_check.py` too."""
+    from caracal_cli.mixers.attention import fused_attention_on_meta
+
     micro = micro_batch or (1 if config.train.micro_batch == "auto" else config.train.micro_batch)
     checkpointing = checkpointing or config.train.activation_checkpointing
     model = _meta_model(config).to(torch.bfloat16)
-    saved = _saved_bytes(model, micro, config.model.context)
-    if checkpointing == "block":
-        set_activation_checkpointing(model, "block")
-        saved = _saved_bytes(model, micro, config.model.context) + saved / len(model.blocks)
+    kernels = fused_attention_on_meta() if torch.device(device).type == "cuda" else contextlib.nullcontext()
+    with kernels:
+        saved = _saved_bytes(model, micro, config.model.context)
+        if checkpointing == "block":
+            set_activation_checkpointing(model, "block")
+            saved = _saved_bytes(model, micro, config.model.context) + saved / len(model.blocks)
     states = 16 * count_parameters(model)["total"]
     return {"micro_batch": micro, "activations_gib": saved / 2**30, "states_gib": states / 2**30,
             "total_gib": (saved + states) / 2**30}
@@ -88,7 +94,7 @@ def describe_preset(config: Config, device: str = "cpu") -> dict:
                        + " (bf16 dense), or --peak-flops",
         "paths": kernel_paths(model, torch.device(device)),
         "train_memory_estimate_gib": {k: round(v, 1) if isinstance(v, float) else v
-                                      for k, v in train_memory_estimate(config).items()},
+                                      for k, v in train_memory_estimate(config, device=device).items()},
         "micro_batch": micro_batch_on(config, device),
     }
 

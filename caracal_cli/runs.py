@@ -368,7 +368,7 @@ def plan_warnings(config: Config, data_dir: Path, device: str, world_size: int) 
         warnings.append(f"{config.name} ({params / 1e6:.0f}M parameters) on the CPU: {tc.tokens:,} tokens would "
                         f"take {days:,.0f} days or more; use a GPU, or a demo preset (--preset demo)")
     if dev.type == "cuda" and tc.micro_batch != "auto":  # auto is probed on the GPU itself
-        need = train_memory_estimate(config)["total_gib"]
+        need = train_memory_estimate(config, device="cuda")["total_gib"]
         have = torch.cuda.get_device_properties(dev).total_memory / 2**30
         if need > 0.9 * have:
             warnings.append(f"one step at train.micro_batch={tc.micro_batch} needs about {need:.1f} GiB (estimate) "

@@ -129,6 +129,23 @@ def test_paper_24_gb_setting_resolves_by_estimate(name):
     assert choice.activation_checkpointing == "none" or config.model.context > 512, choice
 
 
+
+@pytest.mark.parametrize("name", ["small", "llama-small"])
+def test_memory_estimate_for_cuda_holds_no_attention_weights(name):
+    """On CUDA, flash and flex_attention keep O(L) per head for the backward, so the estimate for a CUDA
+    device grows linearly in the context; the CPU's estimate counts the [L, L] weights that band-masked SDPA
+    saves (at small, L = 32,768 × 4 the CUDA estimate is 86 GiB where an H100 measured 75, the CPU's 856)."""
+    def estimate(context, device):
+        config = load_preset(name, [f"model.context={context}", "train.micro_batch=1"])
+        return train_memory_estimate(config, device=device)["activations_gib"]
+
+    lengths = {L: estimate(L, "cuda") for L in (1024, 2048, 4096)}
+    long = lengths[4096]
+    assert abs((long - lengths[2048]) / (lengths[2048] - lengths[1024]) - 2) < 0.05  # equal steps per token
+    config = load_preset(name).model
+    layers = sum(config.mixers[kind]["kind"] == "attention" for kind in config.layer_kinds())
+    assert estimate(4096, "cpu") - long > layers * config.n_head * 4096**2 * 4 / 2**30 * 0.99
+
 def test_loss_keeps_no_logits_sized_tensor_for_the_backward():
     model = build_model(small_model_config(vocab_size=4000)).double()  # logits dwarf every activation
     ids = torch.randint(0, model.config.vocab_size, (2, 33))

@@ -8,6 +8,8 @@ function, which tests compare with a naive masked softmax.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 
@@ -77,6 +79,36 @@ def band_mask(q_len: int, kv_len: int, window: int | None, device=None) -> torch
     if window is not None:
         mask &= q_pos - k_pos < window
     return mask
+
+
+# Memory estimates trace the model on the meta device, where the CPU's band-masked SDPA would save [L, L]
+# weights per head (192 GiB of a 214 GiB estimate at small, L = 32,768) that CUDA's fused kernels never hold.
+_FUSED_ON_META = contextvars.ContextVar("fused_attention_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    """Within it, attention traced on the meta device saves what flash and flex_attention keep for backward."""
+    token = _FUSED_ON_META.set(True)
+    try:
+        yield
+    finally:
+        _FUSED_ON_META.reset(token)
+
+
+class _FusedAttentionSaves(torch.autograd.Function):
+    """A shape stand-in (meta device only): the output, and what the fused kernels save for backward: q, k, v,
+    the output and a float32 log-sum-exp per query row."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("a memory estimate's stand-in has no backward")
 
 
 @functools.cache
@@ -166,6 +198,8 @@ class Attention(nn.Module):
     def _attend(self, q, k, v) -> torch.Tensor:
         """The whole-sequence path (training, and a prefill from position 0)."""
         L = q.shape[2]
+        if q.device.type == "meta" and _FUSED_ON_META.get():
+            return _FusedAttentionSaves.apply(q, k, v)
         if self.window is None or self.window >= L:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if attention_path(q.device, self.window, L) == "flex_attention":
