@@ -168,11 +168,14 @@ def run_studies(study: str, size: str, data: str | Path, out: str | Path, tokens
     from caracal_cli.loader import open_dataset
 
     open_dataset(data, load_preset(preset, overrides or []).model.vocab_size)  # fail early on bad data
-    if tasks:  # a bad task or --limit is refused now, not after every variant has trained
-        from caracal_cli.evaluate import check_limit, resolve_task_names, task_manager_for
+    if tasks:  # a bad task, --limit or missing dataset is refused now, not after every variant has trained
+        from caracal_cli.evaluate import (check_limit, require_datasets, resolve_task_names, task_manager_for,
+                                          use_offline_hub)
 
         check_limit(limit)
-        task_manager_for(resolve_task_names(tasks), include_path)
+        names = resolve_task_names(tasks)
+        use_offline_hub()  # as each variant's evaluation will run
+        require_datasets(names, task_manager_for(names, include_path))
     shared = list(overrides or []) + budget_overrides(preset, tokens, steps, list(overrides or []))
     report: dict[str, Any] = {"size": size, "data": str(data), "budget_overrides": shared,
                               "command": sys.argv, "studies": {}}

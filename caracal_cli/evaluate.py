@@ -413,6 +413,19 @@ def missing_datasets_message(names: list[str], manager, first: tuple[str, str, s
     return format_missing(missing or [first])
 
 
+def require_datasets(names: list[str], manager) -> None:
+    """Load every task's data now (the local cache or files; the Hub only when online): for a command that
+    evaluates after hours of training (`caracal ablate`), a missing dataset is an EvalError before it trains,
+    naming every missing one and the command that fetches them."""
+    try:
+        load_tasks(manager, names)
+    except Exception as err:
+        first = missing_dataset(err)
+        if first is None:
+            raise
+        raise EvalError(missing_datasets_message(names, manager, first)) from None
+
+
 def missing_dataset_message(err: BaseException) -> str | None:
     """`format_missing` for the one dataset whose loading raised `err`; None for any other error."""
     found = missing_dataset(err)

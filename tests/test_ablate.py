@@ -99,6 +99,22 @@ def test_bad_input_is_refused(data, tmp_path):
     assert result.exit_code == 1 and "--limit must be > 0" in result.output and not (tmp_path / "out").exists()
 
 
+
+def test_a_missing_dataset_is_refused_before_any_variant_trains(data, tmp_path):
+    """Offline, a task whose data is not at hand failed each variant's evaluation after its training; the
+    datasets are loaded up front now, and the message names the task."""
+    from caracal_cli.evaluate import write_local_task
+
+    tasks_dir = tmp_path / "tasks"
+    write_local_task(tasks_dir, "tiny_mc", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
+    (tasks_dir / "tiny_mc.jsonl").unlink()
+    result = CliRunner().invoke(app, ["ablate", "--data", str(data), "--size", "demo", "--study", "ratio",
+                                      "--out", str(tmp_path / "out"), "--tasks", "tiny_mc", "--include-path",
+                                      str(tasks_dir), "--device", "cpu", *sets(*SMALL)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "task tiny_mc: cannot read its local data files" in result.output.replace("\n", " ")
+    assert not (tmp_path / "out").exists()
+
 def test_failed_variants_make_the_exit_status_1(data, tmp_path):
     """The study goes on past a failed variant and writes its table, but exits 1 (it exited 0)."""
     result = CliRunner().invoke(app, ["ablate", "--data", str(data), "--size", "demo", "--study", "ratio",
