@@ -19,6 +19,8 @@
 #   bash scripts/gpu_acceptance.sh mfu      # profiles of llama-tiny and tiny at micro-batch 32/64, compile modes
 #   bash scripts/gpu_acceptance.sh trainer-mfu  # caracal train's own wall-clock MFU, llama-tiny and tiny, the
 #                                           # presets' full recipe (524,288 tokens per step: 16 micro-batches)
+#   bash scripts/gpu_acceptance.sh kernels  # MHF's gate-convolution tunables and the FFT convolution's tiles at
+#                                           # L = 512 and 2048 (where Caracal trails Llama)
 #   bash scripts/gpu_acceptance.sh loss     # the loss's softmax-gradient kernel per block and warps, the whole
 #                                           # chunked loss per chunk size (scripts/bench_loss.py)
 #   bash scripts/gpu_acceptance.sh scale    # tiny with MHF's scale=mean and =sqrt; memory per preset at 24 GB
@@ -29,7 +31,7 @@
 # JSON go to $WORK (default /tmp/gpu-acceptance); each step has its own time limit, so one stall loses one step.
 # With OUT set (the device tool's folder that comes back, at most 8 files), each part copies its results there.
 set -uo pipefail
-part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|long|mhf|train|mfu|trainer-mfu|loss|scale|ablate}
+part=${1:?usage: gpu_acceptance.sh tests|bench|compare|speed|speed-ssm|decode|long|mhf|kernels|train|mfu|trainer-mfu|loss|scale|ablate}
 WORK=${WORK:-/tmp/gpu-acceptance}
 source "$(dirname "$0")/gpu_common.sh"
 export PYTHONUNBUFFERED=1
@@ -193,6 +195,16 @@ loss)
     step bench_loss 150 env OUT="$WORK" python3 scripts/bench_loss.py
     collect "$WORK"/{bench_loss,status}.log "$WORK/bench_loss.json"
     cat "$WORK/bench_loss.log"
+    ;;
+kernels)
+    # Issue 21 at L = 512: the tunables of MHF's gate convolution (its weight gradient is ~8x its bytes), then
+    # the FFT convolution's tiles at 512 and 2048.
+    step bench_gate_conv 150 env OUT="$WORK" python3 scripts/bench_gate_conv.py
+    step bench_short 200 env OUT="$WORK" python3 scripts/bench_fftconv.py --budget-s 150 --lengths 512 2048 \
+        --sweep 512 2048 --mhf 512 --swa
+    collect "$WORK"/{bench_gate_conv,bench_short,status}.log "$WORK/bench_gate_conv.json" "$WORK/bench_fftconv.json"
+    head -n 30 "$WORK/bench_gate_conv.log"
+    grep -E "^(variant|floor|torch|triton|MHF)" "$WORK/bench_short.log" | head -n 30
     ;;
 scale)
     for scale in mean sqrt; do

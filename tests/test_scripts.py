@@ -43,6 +43,23 @@ def test_bench_loss_times_every_kernel_variant_and_chunk_size(tmp_path):
     assert "softmax-gradient kernel, block 4096 warps 8" in run.stdout
 
 
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter)")
+def test_bench_gate_conv_checks_every_variant_against_the_shipped_tiles(tmp_path):
+    """The CPU form runs the gate convolution's kernels in the interpreter: every variant of the weight-gradient
+    reduction and of the row tiles runs and agrees with the shipped tiles' result."""
+    run = subprocess.run([sys.executable, "scripts/bench_gate_conv.py", "--d", "32", "--heads", "2", "--tokens",
+                          "64"], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                              "TRITON_INTERPRET": "1", "OUT": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "bench_gate_conv.json").read_text())
+    assert set(report["shipped"]) == {"forward", "input grad", "weight grad"}
+    assert len(report["weight_grad"]) == 40 and len(report["rows"]) == 10
+    for row in [*report["weight_grad"].values(), *report["rows"].values()]:
+        assert "error" not in row and row["rel_err"] < 1e-5, row
+    assert "weight grad variants, fastest first:" in run.stdout
+
 # --- scripts/gpu_scaling_table.py on CPU: gloo processes stand in for GPUs ------------------------------
 TINY_SETS = ["model.d_model=64", "model.n_layer=3", "model.context=64", "model.vocab_size=512",
              "model.mixers.A.window=32", "train.global_batch_tokens=512", "train.tokens=20480",
