@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,16 @@ from caracal_cli.config import CaracalError, load_preset
 from caracal_cli.fileio import write_json
 
 RESULT_FILE = "ablation.json"
+
+
+class StudyStopped(BaseException):
+    """SIGINT or SIGTERM stopped a variant's training (its checkpoint saved): the study stops with it, and
+    running the same command again resumes that variant. Not an Exception: the per-variant `except Exception`
+    that reports a failed variant and goes on must not catch it."""
+
+    def __init__(self, signal_name: str, run_dir: Path):
+        super().__init__(f"{signal_name} during {run_dir}")
+        self.signal_name, self.run_dir = signal_name, run_dir
 
 
 @dataclass(frozen=True)
@@ -107,15 +118,20 @@ def _train_variant(config, overrides: list[str], preset: str, data: Path, run_di
         else:
             args += ["--preset", preset, "--data", str(data)] + [a for o in overrides for a in ("--set", o)]
         code = launch(torchrun_command(args, nproc_per_node))
+        signals = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM"}
+        if code in signals:  # the ranks saved a checkpoint and stopped
+            raise StudyStopped(signals[code], run_dir)
         if code != 0:
             raise CaracalError(f"torchrun exited with status {code}")
         return
     from caracal_cli.train import train
 
     if latest is not None:
-        train(None, data, run_dir, resume=True, device=device, quiet=True)
+        result = train(None, data, run_dir, resume=True, device=device, quiet=True)
     else:
-        train(config, data, run_dir, device=device, quiet=True)
+        result = train(config, data, run_dir, device=device, quiet=True)
+    if result["stopped_by"]:  # a half-trained variant must be neither evaluated nor recorded as done
+        raise StudyStopped(result["stopped_by"], run_dir)
 
 
 def run_variant(study: Study, variant: Variant, preset: str, shared: list[str], data: Path, out: Path,

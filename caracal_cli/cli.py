@@ -841,17 +841,25 @@ def ablate(
     \b
     Example: caracal ablate --study ratio --size demo --data data/shakespeare --steps 200
     """
-    from caracal_cli.ablate import run_studies, table_rows
+    import signal
+
+    from caracal_cli.ablate import StudyStopped, run_studies, table_rows
 
     def progress(chosen, row):
         state = "failed: " + row["error"] if "error" in row else (
             "done (cached)" if row.get("cached") else f"val loss {row['val_loss']:.4f}")
         err_console.print(f"[{chosen.name}] {row['label']}: {state}", highlight=False)
 
-    report = run_studies(study, size, data, out, tokens=tokens, steps=steps,
-                         tasks=tasks.split(",") if tasks else None, include_path=include_path, limit=limit,
-                         overrides=overrides, device=resolve_device(device), nproc_per_node=nproc_per_node,
-                         on_variant=progress)
+    try:
+        report = run_studies(study, size, data, out, tokens=tokens, steps=steps,
+                             tasks=tasks.split(",") if tasks else None, include_path=include_path, limit=limit,
+                             overrides=overrides, device=resolve_device(device), nproc_per_node=nproc_per_node,
+                             on_variant=progress)
+    except StudyStopped as stop:
+        err_console.print(f"ablate stopped ({stop.signal_name}) while training {stop.run_dir}: its checkpoint is "
+                          "saved; run the same command again to resume it and the variants after it",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + getattr(signal, stop.signal_name)) from None
     if as_json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -72,6 +72,48 @@ def test_an_interrupted_variant_resumes_and_a_failing_one_is_reported(data, tmp_
     assert "failed" in ablate.markdown_report(report)
 
 
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_the_study_and_the_variant_is_not_recorded_as_done(data, tmp_path, monkeypatch,
+                                                                          signal_name, code):
+    """A signal during a variant's training (the trainer saves a checkpoint and returns) stopped only that
+    variant: ablate then evaluated the half-trained model, recorded it as done and trained the next one. Now
+    the study stops with the signal's exit status, and a re-run resumes that variant."""
+    import caracal_cli.train as trainer
+
+    real, calls = trainer.train, []
+
+    def stopped_after_one_step(config, data_dir, run_dir, **kwargs):
+        calls.append(run_dir)
+        result = real(config, data_dir, run_dir, max_steps=1, **kwargs)
+        return {**result, "stopped_by": signal_name}
+
+    monkeypatch.setattr(trainer, "train", stopped_after_one_step)
+    out = tmp_path / "ablate"
+    args = ["ablate", "--size", "demo", "--study", "ratio", "--data", str(data), "--steps", "3", "--out",
+            str(out), "--device", "cpu", *sets(*SMALL)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == code and "Traceback" not in result.output, result.output
+    assert f"ablate stopped ({signal_name})" in result.output and "run the same command again" in result.output
+    [run_dir] = calls  # the next variant did not start
+    assert not (run_dir / ablate.RESULT_FILE).exists() and read_meta(latest_checkpoint(run_dir))["step"] == 1
+    monkeypatch.setattr(trainer, "train", real)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert read_meta(latest_checkpoint(run_dir))["step"] == 3 and (run_dir / ablate.RESULT_FILE).is_file()
+
+def test_torchrun_stopped_by_a_signal_stops_the_study(data, tmp_path, monkeypatch):
+    """Under torchrun the ranks save and exit 143 (or 130): the study stops with that status; any other failure
+    stays one failed variant among the others."""
+    import caracal_cli.train as trainer
+
+    statuses = iter([1, 143])
+    monkeypatch.setattr(trainer, "launch", lambda cmd: next(statuses))
+    args = ["ablate", "--size", "demo", "--study", "ratio", "--data", str(data), "--steps", "1", "--out",
+            str(tmp_path), "--device", "cpu", "--nproc-per-node", "2", *sets(*SMALL)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 143 and "ablate stopped (SIGTERM)" in result.output, result.output
+    assert "failed: CaracalError: torchrun exited with status 1" in result.output
+
 def test_lm_eval_tasks_are_evaluated_per_variant(data, tmp_path):
     from caracal_cli.evaluate import write_local_task
 
