@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from caracal_cli.config import CaracalError, Config, config_from_dict, read_yaml_mapping, warn
-from caracal_cli.fileio import UMASK, atomic_write, sha256_file, write_json
+from caracal_cli.fileio import UMASK, atomic_write, replace_dir, sha256_file, write_json
 from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
@@ -125,9 +125,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
             write_json(tmp / CHECKSUMS_FILE, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
         except (OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot write checkpoint {final} ({_write_error(err, root)})") from None
-        if final.exists():
-            _remove(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -52,18 +52,28 @@ def fail(message: str, code: int = 1):
 
 
 def user_errors(fn):
-    """Turn the errors a user can cause (bad config, bad files) into one-line messages."""
+    """Turn the errors a user can cause (bad config, bad files) into one-line messages, and a SIGINT or SIGTERM
+    into one line and exit status 130 / 143."""
+    command = fn.__name__.removesuffix("_command").replace("_", " ")
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+
+        from caracal_cli.fileio import describe_os_error, sigterm_as_interrupt, signal_name
+
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except (CaracalError, UserError, FileNotFoundError) as err:
             fail(str(err))
         except OSError as err:  # a full disk, a read-only directory, a file where a directory should be, …
-            from caracal_cli.fileio import describe_os_error
-
             fail(describe_os_error(err))
+        except KeyboardInterrupt as err:
+            name = signal_name(err)
+            err_console.print(f"{command} interrupted ({name}): run the same command again to resume or redo it",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + getattr(signal, name)) from None
 
     return wrapper
 
@@ -806,7 +816,7 @@ def speed(
     def save_partial(report: dict):  # after each point: a sweep stopped midway keeps what it measured
         write_json(Path(out) / "speed.json", {**report, "partial": True, "ratios": speed_ratios(report["results"])})
 
-    report = run_speed(settings, progress, save_partial)
+    report = run_speed(settings, progress, save_partial, saved_to=Path(out) / "speed.json")
     paths = write_report(report, out)
     for table in speed_tables(report):
         console.print(table)
@@ -909,8 +919,10 @@ def demo(
     say = lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)
     try:
         summary = run_demo(out, steps, resolve_device(device), overrides, say=say)
-    except KeyboardInterrupt:
-        summary = {"stopped_by": "SIGINT", "out": str(out)}
+    except KeyboardInterrupt as err:
+        from caracal_cli.fileio import signal_name
+
+        summary = {"stopped_by": signal_name(err), "out": str(out)}
     if summary.get("stopped_by"):
         where = f" during training, after step {summary['steps']} of {summary['planned_steps']}" \
             if "steps" in summary else ""

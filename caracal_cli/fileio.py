@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -50,6 +51,51 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt: cleanups (temporary folders,
+    child processes) run instead of the process dying at once. The trainer installs its own handlers for its loop."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM raises Terminated (only the main thread can set a handler; elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def signal_name(interrupt: KeyboardInterrupt) -> str:
+    return "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT"
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename directory `tmp` to `final`. An existing `final` is renamed aside first and deleted only once the new
+    one is in place, so an interruption leaves one of the two whole under `final` (at worst a hidden `.old`
+    folder beside it), never a half-deleted mix."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    final.rename(aside / final.name)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        (aside / final.name).rename(final)  # the old one back under its name
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:

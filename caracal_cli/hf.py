@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from caracal_cli.checkpoint import (CONFIG_FILE, config_yaml, load_model, model_
                                     save_run_config)
 from caracal_cli.config import (CaracalError, Config, ModelConfig, apply_overrides, config_from_dict, from_dict,
                                 list_presets, load_preset)
+from caracal_cli.fileio import UMASK, replace_dir
 from caracal_cli.mixers import mixer_config
 from caracal_cli.model import build_model, count_parameters, mlp_hidden
 from caracal_cli.tokenizer import EOT, TOKENIZER_FILE, HFTokenizer, Tokenizer
@@ -255,12 +257,6 @@ def hf_tokenizer(tok: Tokenizer):
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def _fresh_out(out: Path, overwrite: bool, what: str) -> Path:
     """A temporary directory beside `out`, after checking that `out` may be written."""
     if out.exists() and not out.is_dir():
@@ -268,7 +264,9 @@ def _fresh_out(out: Path, overwrite: bool, what: str) -> Path:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise HFError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; the folder is renamed into place as it is
+    return tmp
 
 
 def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -311,7 +309,7 @@ def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dic
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tok), bos_token=_eot_token(tok),
                                                     eos_token=_eot_token(tok), model_max_length=cfg.context)
         fast.save_pretrained(tmp)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -527,7 +525,7 @@ def import_hf(source: str | Path, out: str | Path, overrides: list[str] | tuple[
         tok.save(tmp)
         save_checkpoint(tmp, 0, model_state(model), _fresh_trainer_state(model, config),
                         {"imported_from": str(source), "hf_class": (hf.get("architectures") or ["?"])[0]})
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

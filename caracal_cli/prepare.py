@@ -517,6 +517,7 @@ _worker: dict[str, Any] = {}
 
 def _start_worker(tokenizer: Tokenizer, parent: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` would start a thread per core in every process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: the parent stops us
     _worker["tokenizer"] = tokenizer
     if sys.platform.startswith("linux"):  # end with the parent however it ends (kill -9 included)
         import ctypes

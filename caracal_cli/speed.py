@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,7 @@ from caracal_cli import __version__
 from caracal_cli.checkpoint import CONFIG_FILE
 from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset, parse_override
 from caracal_cli.device import AUTOCAST_DTYPES, resolve_device
-from caracal_cli.fileio import atomic_path, write_json
+from caracal_cli.fileio import atomic_path, sigterm_as_interrupt, signal_name, write_json
 from caracal_cli.generate import DECODE_IMPLS
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
@@ -582,10 +583,10 @@ def run_models(settings: SpeedSettings, progress: Callable[[dict], None] | None 
             entry = {"model": name, "preset": info["preset"], "mode": mode, "length": length, **extra,
                      "reason": None, **figures}
             report["results"].append(entry)
+            if model_done:  # after every point: a sweep stopped midway keeps what it measured; saved before the
+                model_done(report)  # point's line, which an isolating parent takes as the cue to read it
             if progress:
                 progress(entry)
-            if model_done:  # after every point: a sweep stopped midway keeps what it measured
-                model_done(report)
         del model, runner
         sweep(name, lambda: guarded(dict, device))  # frees the model, and notices a device that failed
         if model_done:
@@ -604,34 +605,51 @@ def _points(settings: SpeedSettings):
 def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dict], None] | None,
                   model_done: Callable[[dict], None] | None) -> dict:
     """run_models with each model measured by a child `caracal speed` process; a child that dies leaves its
-    model's points as errors naming how it ended, and the sweep goes on."""
+    model's points as errors naming how it ended, and the sweep goes on. The child's speed.json, which it rewrites
+    after each point, is read at each of its point lines, so `model_done` still gets the report after every point.
+    Stopped (KeyboardInterrupt), the child is ended, its points so far are kept, and no temporary directory is left."""
     lost = []
     for name in settings.models:
         child = replace(settings, models=[name], isolate=False)
         with tempfile.TemporaryDirectory(prefix="caracal-speed-") as tmp:
             argv = [sys.executable, "-m", "caracal_cli", *shlex.split(child.command())[1:], "--out", tmp]
             # The child's progress lines (stderr) are passed on as they come; its tables (stdout) are not needed.
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=_die_with_parent())
             tail: deque[str] = deque(maxlen=20)
-            for line in proc.stderr:
-                tail.append(line)
-                if progress and line.startswith("  "):  # a point's line (the child's header names its command)
-                    sys.stderr.write(line)
-            code = proc.wait()
-            result_file = Path(tmp) / "speed.json"
-            sub = json.loads(result_file.read_text()) if code == 0 and result_file.is_file() else None
+            try:
+                for line in proc.stderr:
+                    tail.append(line)
+                    if line.startswith("  "):  # a point's line (the child's header names its command)
+                        if progress:
+                            sys.stderr.write(line)
+                        sub = _child_report(tmp)
+                        if model_done and sub:
+                            model_done(_with_child(report, name, sub))
+                code = proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM (run_speed): keep the points the child measured
+                _end_child(proc)
+                sub = _child_report(tmp)
+                if sub:
+                    report.update(_with_child(report, name, sub))
+                    if model_done:
+                        model_done(report)
+                raise
+            finally:
+                _end_child(proc)  # whatever ended this, no child is left running (on a GPU it would hold it)
+            sub = _child_report(tmp) if code == 0 else None
         if sub is None:
             last = next((line for line in reversed(tail) if line.strip()), "no output")
             reason = f"the {name} process ended with exit code {code}: {last.strip()}"[:300]
             report["models"][name] = {"preset": preset_name(name, settings.size), "status": "error", "reason": reason}
             entries = [{"model": name, "preset": preset_name(name, settings.size), "mode": mode, "length": length,
                         **extra, "status": "error", "reason": reason} for mode, extra, length in _points(settings)]
+            report["results"] += entries
         else:
-            report["models"][name] = sub["models"][name]
+            report.update(_with_child(report, name, sub))
             entries = sub["results"]
             if sub.get("device_lost"):
                 lost.append(f"{name}: {sub['device_lost']}")
-        report["results"] += entries
         if progress and sub is None:  # the child's own lines showed the points it measured
             for entry in entries:
                 progress(entry)
@@ -642,6 +660,50 @@ def _run_isolated(settings: SpeedSettings, report: dict, progress: Callable[[dic
     return report
 
 
+def _child_report(tmp: str) -> dict | None:
+    """An isolated child's speed.json so far (written atomically), or None before its first point."""
+    try:
+        return json.loads((Path(tmp) / "speed.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _with_child(report: dict, name: str, sub: dict) -> dict:
+    """The report with a child's model and points added (a copy: the child may measure more)."""
+    models = {**report["models"], name: sub["models"][name]} if name in sub["models"] else report["models"]
+    return {**report, "models": models, "results": report["results"] + sub["results"]}
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that ends the child with this process however it ends (kill -9 included), as
+    `prepare._start_worker` does for its workers; None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc, parent = ctypes.CDLL(None), os.getpid()  # loaded here: nothing should be imported between fork and exec
+
+    def preexec():
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that
+            os._exit(1)
+
+    return preexec
+
+
+def _end_child(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a child still running and reap it: SIGTERM first, which it handles as Ctrl-C (its points so far are in
+    its speed.json); SIGKILL after `grace` seconds (a point inside one long kernel cannot stop sooner)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stderr.close()
+
+
 def point_key(entry: dict) -> tuple:
     """What a point measures: model, mode, decode variant and length (a merge keeps one point per key)."""
     return entry["model"], entry["mode"], variant(entry), entry["length"]
@@ -649,7 +711,7 @@ def point_key(entry: dict) -> tuple:
 
 def speed_ratios(results: list[dict], numerator: str = "caracal", denominator: str = "llama") -> list[dict]:
     """Caracal's tokens/s over Llama's at each mode (and decode variant) and length where both were measured."""
-    ok = {point_key(r): r["tokens_per_s"] for r in results if r["status"] == "ok"}
+    ok = {point_key(r): r["tokens_per_s"] for r in results if r["status"] == "ok" and "model" in r}  # not mixers
     return [{"mode": mode, "variant": which, "length": length,
              f"{numerator}_over_{denominator}": speed / ok[(denominator, mode, which, length)]}
             for (model, mode, which, length), speed in ok.items()
@@ -831,9 +893,11 @@ def _time_mixer(name: str, builder: Callable[[Any], torch.nn.Module], model_cfg,
     return mixer.path(device) if hasattr(mixer, "path") else "pytorch"
 
 
-def run_mixers(settings: SpeedSettings, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run_mixers(settings: SpeedSettings, progress: Callable[[dict], None] | None = None,
+               model_done: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Each mixer alone at the size's d_model (forward + backward), and each FFT variant (forward, and
-    forward + backward) against its memory-traffic floor."""
+    forward + backward) against its memory-traffic floor. `model_done` gets the report so far after each point,
+    as in run_models."""
     device = torch.device(settings.device)
     model_cfg = load_preset(preset_name("caracal", settings.size)).model
     d = model_cfg.d_model
@@ -845,6 +909,8 @@ def run_mixers(settings: SpeedSettings, progress: Callable[[dict], None] | None 
 
     def record(entry):
         report["results"].append(entry)
+        if model_done:  # a sweep stopped midway keeps what it measured
+            model_done(report)
         if progress:
             progress(entry)
 
@@ -864,9 +930,37 @@ def run_mixers(settings: SpeedSettings, progress: Callable[[dict], None] | None 
     return report
 
 
+class SpeedStopped(SystemExit):
+    """A sweep ended by SIGINT or SIGTERM, its measured points saved: exits 128 + the signal's number (130, 143),
+    without a traceback, through callers that do not catch it."""
+
+    def __init__(self, signal_name: str, points: int):
+        super().__init__(128 + getattr(signal, signal_name))
+        self.signal_name, self.points = signal_name, points
+
+
 def run_speed(settings: SpeedSettings, progress: Callable[[dict], None] | None = None,
-              model_done: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    return run_mixers(settings, progress) if settings.mixers else run_models(settings, progress, model_done)
+              model_done: Callable[[dict], None] | None = None, saved_to: str | Path | None = None) -> dict[str, Any]:
+    """The sweep `settings` asks for. A SIGTERM (a scheduler, `timeout`) ends it as Ctrl-C does: the points
+    `model_done` saved are kept, one line on stderr says where (`saved_to`, where the caller saves them), and
+    SpeedStopped is raised."""
+    saved = {"points": 0}
+
+    def save(report):
+        saved["points"] = len(report["results"])
+        if model_done:
+            model_done(report)
+
+    try:
+        with sigterm_as_interrupt():
+            return run_mixers(settings, progress, save) if settings.mixers else run_models(settings, progress, save)
+    except KeyboardInterrupt as err:
+        name, points = signal_name(err), saved["points"]
+        where = f"saved in {saved_to}" if saved_to else "saved in speed.json"
+        kept = f"{points} measured point{'s' * (points > 1)} {where}, marked partial" if points and model_done \
+            else "no point was saved"
+        sys.stderr.write(f"caracal speed stopped by {name}: {kept}\n")
+        raise SpeedStopped(name, points) from None
 
 
 # --- output -------------------------------------------------------------------------------------------------

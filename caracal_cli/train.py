@@ -733,7 +733,16 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
     try:
         with (StopRequest(run_dir, console.enabled, can_save=ranks.world_size == 1) as stop,
               step_profiler(job.profile_steps, run_dir, ranks.rank, dev) as profiled_step):
-            for step in range(start_step, end_step):
+            # A run stopped during a mid-run validation saved its step without it; an uninterrupted run recorded
+            # one there, so the resume owes it before the next step.
+            if 0 < state.step < end_step and last_eval != state.step and state.step % tc.eval_every == 0:
+                if evaluate():
+                    last_eval = state.step
+                else:  # stopped again: the step's checkpoint is already saved
+                    state.stopped_by = "SIGTERM" if signal.SIGTERM in stop.caught else "SIGINT"
+                    console.print(f"{state.stopped_by}: validation of step {state.step} stopped; resume with: "
+                                  f"caracal train --resume {run_dir}")
+            for step in range(start_step, end_step if state.stopped_by is None else start_step):
                 t0 = time.perf_counter()
                 lr = learning_rate(step, plan, tc)
                 for group in optimizer.param_groups:

@@ -152,6 +152,29 @@ def test_a_sigterm_during_the_final_validation_stops_it_within_one_batch(data, t
     assert not [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
 
 
+def test_a_validation_stopped_mid_run_is_redone_by_the_resume(data, tmp_path, monkeypatch):
+    """A SIGTERM during the validation of step 2 (of 4, every 2) saves step 2 without it; the resume validated
+    only at step 4, so metrics.jsonl lacked a row an uninterrupted run has. It is redone before step 3 now."""
+    config = load_preset("demo", TINY + ["train.eval_every=2", "train.eval_tokens=4096"])  # 4 batches
+    straight = train(config, data, tmp_path / "straight", max_steps=4, device="cpu", quiet=True)
+    calls = []
+    original = train_module.ValidationWindows.batch
+
+    def stop_the_first(self, first, count):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(first)
+        return original(self, first, count)
+
+    monkeypatch.setattr(train_module.ValidationWindows, "batch", stop_the_first)
+    run = tmp_path / "run"
+    assert train(config, data, run, max_steps=4, device="cpu", quiet=True)["stopped_by"] == "SIGTERM"
+    assert latest_checkpoint(run).name == "step_00000002" and not [r for r in read_metrics(run) if "val_loss" in r]
+    resumed = train(None, None, run, max_steps=4, resume=True, device="cpu", quiet=True)
+    validations = lambda r: [(m["step"], m["val_loss"]) for m in read_metrics(r) if "val_loss" in m]  # noqa: E731
+    assert resumed["step"] == 4 and validations(run) == validations(straight["run_dir"])
+    assert [s for s, _ in validations(run)] == [2, 4]
+
 def test_validation_batches_use_every_window_in_larger_batches(data):
     config = load_preset("demo", TINY)
     assert [validation_batch(config, n) for n in (64, 7, 66)] == [16, 7, 11]  # at most 4 × micro-batch 4

@@ -313,3 +313,28 @@ def test_cli_export_and_import_refuse_bad_input_in_one_line(runs, tmp_path):
     (folder / "tokenizer.json").write_text("{")
     assert "not a valid tokenizer.json" in fails("import", str(folder), "--out", str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()
+
+
+def test_export_stopped_by_sigterm_leaves_the_old_folder_and_no_temporary(runs, tmp_path, monkeypatch):
+    """A SIGTERM while the new folder was being put in place left a hidden temporary folder the size of the
+    model (nothing removed it); the command's cleanup runs now, and --overwrite keeps the old export whole.
+    Folders come out with the umask's permissions, not mkdtemp's 0700."""
+    import signal
+    import time
+
+    from caracal_cli.fileio import UMASK
+
+    out = tmp_path / "exported"
+    assert runner.invoke(app, ["export", str(runs["llama"]), "--out", str(out)]).exit_code == 0
+    assert out.stat().st_mode & 0o777 == 0o777 & ~UMASK
+    before = sorted(p.name for p in out.iterdir())
+
+    def terminated(tmp, final):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(hf, "replace_dir", terminated)
+    result = runner.invoke(app, ["export", str(runs["llama"]), "--out", str(out), "--overwrite"])
+    assert result.exit_code == 143 and "export interrupted (SIGTERM)" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -574,3 +574,52 @@ def test_training_killed_at_seeded_random_points_resumes_byte_identical(data, tm
         assert [(r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(run)] == rows, trial
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
         assert not list(run.glob(".*")), trial  # no lock, no temporary file left
+
+
+def test_replace_dir_leaves_the_old_or_the_new_folder_whole(tmp_path, monkeypatch):
+    """`export --overwrite`, `import --overwrite` and a re-saved checkpoint swap folders: the old one was deleted
+    before the new one was renamed in, so an interruption between them lost both."""
+    from caracal_cli.fileio import replace_dir
+
+    def folder(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.txt").write_text(text)
+        return tmp_path / name
+
+    final = folder("out", "old")
+    replace_dir(folder(".new", "new"), final)
+    assert (final / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name == ".newer":
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(folder(".newer", "newer"), final)
+    assert (final / "a.txt").read_text() == "new"  # the old one, whole, under its name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".newer", "out"]  # the caller removes its temporary
+
+
+def test_sigterm_is_one_line_and_exit_143_after_the_commands_cleanups(tmp_path, monkeypatch):
+    """SIGTERM killed most commands at once, silently and without their cleanups (an interrupted export left
+    hundreds of MB in a hidden folder); it now unwinds like Ctrl-C: cleanups run, one line, status 143."""
+    from caracal_cli import prepare as prepare_module
+
+    def stopped(*args, **kwargs):
+        (tmp_path / "partial").mkdir()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        finally:
+            shutil.rmtree(tmp_path / "partial")
+
+    monkeypatch.setattr(prepare_module, "prepare_shakespeare", stopped)
+    result = CliRunner().invoke(app, ["prepare", "shakespeare", "--out", str(tmp_path / "data")])
+    assert result.exit_code == 143 and "Traceback" not in result.output, result.output
+    assert "prepare shakespeare interrupted (SIGTERM): run the same command again" in result.output
+    assert not (tmp_path / "partial").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command

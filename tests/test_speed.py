@@ -1,6 +1,8 @@
 """`caracal speed`: the sweep's JSON and plot on CPU, the mixer micro-benchmark, OOM and error points, bad input."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -88,9 +90,9 @@ def test_isolated_models_give_the_same_report_and_a_dead_process_is_error_rows(t
     settings = speed.parse_settings("caracal,llama", "demo", "64", 128, "prefill", repeats=1, warmup=0,
                                     device="cpu", isolate=True)
     assert settings.command().endswith("--isolate")
-    seen = []  # the report so far after each model (the CLI saves it: a stopped sweep keeps what it measured)
+    seen = []  # the report so far after each point and model (the CLI saves it: a stopped sweep keeps its points)
     report = speed.run_speed(settings, model_done=lambda r: seen.append([e["model"] for e in r["results"]]))
-    assert seen == [["caracal"], ["caracal", "llama"]]
+    assert seen == [["caracal"], ["caracal"], ["caracal", "llama"], ["caracal", "llama"]]
     assert [(e["model"], e["status"]) for e in report["results"]] == [("caracal", "ok"), ("llama", "ok")]
     assert report["models"]["caracal"]["paths"]["MHF"].startswith("torch.fft") and report["device_lost"] is None
     assert report["command"] == settings.command()  # the parent's command, not a child's
@@ -321,3 +323,62 @@ def test_speed_json_is_rewritten_after_every_point(tmp_path, monkeypatch):
                         "1", "--warmup", "0", "--models", "caracal", "--mode", "prefill", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "speed.json").read_text())
     assert report["partial"] is True and [(e["length"], e["status"]) for e in report["results"]] == [(64, "ok")]
+
+
+def test_a_mixers_sweep_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
+    measured, measure = [], speed._mixer_point
+
+    def stop_at_the_second_point(*args):
+        if measured:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the first mixer
+        measured.append(args)
+        return measure(*args)
+
+    monkeypatch.setattr(speed, "_mixer_point", stop_at_the_second_point)
+    result = runner.invoke(app, ["speed", "--mixers", "--size", "demo", "--lengths", "32,64", "--tokens-per-step",
+                                 "128", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert f"stopped by SIGINT: 1 measured point saved in {tmp_path / 'speed.json'}, marked partial" in \
+        result.output.replace("\n", "")
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["partial"] is True and report["kind"] == "mixers"
+    assert [(e["name"], e["length"], e["status"]) for e in report["results"]] == [("mhf", 32, "ok")]
+
+
+def test_an_isolated_sweep_stopped_by_sigterm_ends_its_child_and_keeps_its_points(tmp_path, monkeypatch):
+    """SIGTERM to the parent alone (as `timeout` or a scheduler sends it): the child is ended and reaped, its
+    temporary directory removed, the points it measured saved, and the command exits 143."""
+    monkeypatch.setattr(speed.tempfile, "tempdir", str(tmp_path))  # the children's temporary directories
+    children, popen = [], speed.subprocess.Popen
+
+    def remember(*args, **kwargs):
+        children.append(popen(*args, **kwargs))
+        return children[-1]
+
+    sent, read = [], speed._child_report
+
+    def sigterm_after_the_first_point(tmp):
+        sub = read(tmp)
+        if sub and sub["results"] and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return sub
+
+    monkeypatch.setattr(speed.subprocess, "Popen", remember)
+    monkeypatch.setattr(speed, "_child_report", sigterm_after_the_first_point)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["speed", "--size", "demo", "--lengths", "64,128", "--tokens-per-step", "128",
+                                 "--repeats", "1", "--warmup", "0", "--models", "caracal,llama", "--mode",
+                                 "prefill,train", "--isolate", "--out", str(out)])
+    assert result.exit_code == 143 and "Traceback" not in result.output
+    assert "stopped by SIGTERM: " in result.output
+    assert f"saved in {out / 'speed.json'}, marked partial" in result.output.replace("\n", "")
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored once the sweep ended
+    assert len(children) == 1 and children[0].returncode == 143  # the child, too, stopped as on Ctrl-C
+    with pytest.raises(ProcessLookupError):
+        os.kill(children[0].pid, 0)
+    assert not list(tmp_path.glob("caracal-speed-*"))
+    report = json.loads((out / "speed.json").read_text())
+    assert report["partial"] is True and report["results"][0]["model"] == "caracal"
+    assert {e["model"] for e in report["results"]} == {"caracal"} and "caracal" in report["models"]
