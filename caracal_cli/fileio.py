@@ -1,5 +1,6 @@
 """Crash-safe file writing: everything the toolkit saves (shards, manifests, checkpoints, results) goes
-through `atomic_write`, so an interrupted run never leaves a half-written file under the final name."""
+through `atomic_write` (folders through `replace_dir`), so an interrupted run never leaves a half-written file
+under the final name; and stopping: SIGTERM unwinds like Ctrl-C (`sigterm_as_interrupt`), so cleanups run."""
 
 from __future__ import annotations
 
