@@ -97,7 +97,9 @@ def run_demo(out: str | Path, steps: int | None = None, device: str = "cpu", ove
     say(f"3/5 train the demo preset ({config.model.d_model}-wide, {config.model.n_layer} layers, pattern "
         f"{config.model.pattern}) for {steps} steps of {plan.tokens_per_step} tokens on {device} → {run_dir}")
     resume = (run_dir / "checkpoints").is_dir()
-    trained = train(None if resume else config, data_dir, run_dir, resume=resume, device=device)
+    # stopped, the demo is resumed by its own command: `caracal train --resume` would skip its evaluation
+    trained = train(None if resume else config, data_dir, run_dir, resume=resume, device=device,
+                    resume_command="the same `caracal demo` command again")
     if trained["stopped_by"]:  # Ctrl-C: a half-trained model is not the demo's result
         return {"stopped_by": trained["stopped_by"], "run": str(run_dir), "checkpoint": trained["checkpoint"],
                 "steps": trained["step"], "planned_steps": steps}

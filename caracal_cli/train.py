@@ -366,10 +366,10 @@ class StopRequest:
     could not agree on a step to save, so it says it exits without saving. Between `hold()` and `release()` (an
     optimizer update, a save) the second Ctrl-C waits for `release()`."""
 
-    def __init__(self, run_dir: Path | None = None, announce: bool = True, can_save: bool = True):
+    def __init__(self, resume_command: str | None = None, announce: bool = True, can_save: bool = True):
         self.caught: set[int] = set()
         self._previous: dict[int, Any] = {}
-        self.run_dir, self.announce, self.can_save = run_dir, announce, can_save
+        self.resume_command, self.announce, self.can_save = resume_command, announce, can_save
         self.now = self._in_critical = False
 
     def __enter__(self):
@@ -396,7 +396,7 @@ class StopRequest:
             return
         if not self.caught:
             self._say(f"{signal.Signals(signum).name}: stopping after this step"
-                      + (f"; resume with: caracal train --resume {self.run_dir}" if self.run_dir else "")
+                      + (f"; resume with: {self.resume_command}" if self.resume_command else "")
                       + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""))
         self.caught.add(signum)
 
@@ -468,12 +468,14 @@ def _grad_sync(model: torch.nn.Module, sync: bool, sharded: bool):
 def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Path, *, max_steps: int | None = None,
           resume: bool = False, device: str = "auto", tensorboard: bool = False, peak_flops: float | None = None,
           compile: bool | None = None, progress: bool | None = None, quiet: bool = False,
-          allow_incomplete: bool = False, wandb: bool = False, profile_steps: int = 0) -> dict[str, Any]:
+          allow_incomplete: bool = False, wandb: bool = False, profile_steps: int = 0,
+          resume_command: str | None = None) -> dict[str, Any]:
     """Train `config` on the dataset in `data_dir`, writing `run_dir`; with `resume`, continue `run_dir` from
     its newest intact checkpoint with its saved config (`config` and `data_dir` may then be None; other data
     than the run's is refused). `max_steps` stops after that optimizer step (counted from the run's start).
     Under torchrun, every process calls this; rank 0 holds the run directory's lock while it runs. An
     incomplete dataset is refused unless `allow_incomplete`. `profile_steps` records a trace (`step_profiler`).
+    `resume_command` is what a run stopped by a signal tells the user to run (`caracal train --resume RUN`).
 
     Returns {run_dir, step, tokens, loss, val_loss, val_ppl, checkpoint, stopped_by, steps_run, elapsed,
     tokens_per_s, mfu}; tokens_per_s and mfu average this session's steps after the first (compilation)."""
@@ -517,7 +519,7 @@ def train(config: Config | None, data_dir: str | Path | None, run_dir: str | Pat
                       tokenizer_files=_tokenizer_files(data_dir),
                       end_step=plan.total_steps if max_steps is None else min(plan.total_steps, max_steps),
                       compile=compile, peak_flops=peak_flops, micro_batch_choice=choice,
-                      profile_steps=profile_steps)
+                      profile_steps=profile_steps, resume_command=resume_command or f"caracal train --resume {run_dir}")
             return _run(job, board, Console(ranks.main and not quiet, tc.log_every, job.end_step, progress))
         finally:
             if board is not None:
@@ -577,6 +579,7 @@ class Job:
     peak_flops: float | None
     micro_batch_choice: AutoBatch | None = None
     profile_steps: int = 0
+    resume_command: str = ""  # what a stopped run tells the user to run (`caracal train --resume RUN` by default)
 
 
 def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
@@ -731,7 +734,7 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
     ahead: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     console.start(start_step, end_step)
     try:
-        with (StopRequest(run_dir, console.enabled, can_save=ranks.world_size == 1) as stop,
+        with (StopRequest(job.resume_command, console.enabled, can_save=ranks.world_size == 1) as stop,
               step_profiler(job.profile_steps, run_dir, ranks.rank, dev) as profiled_step):
             # A run stopped during a mid-run validation saved its step without it; an uninterrupted run recorded
             # one there, so the resume owes it before the next step.
@@ -741,7 +744,7 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
                 else:  # stopped again: the step's checkpoint is already saved
                     state.stopped_by = "SIGTERM" if signal.SIGTERM in stop.caught else "SIGINT"
                     console.print(f"{state.stopped_by}: validation of step {state.step} stopped; resume with: "
-                                  f"caracal train --resume {run_dir}")
+                                  f"{job.resume_command}")
             for step in range(start_step, end_step if state.stopped_by is None else start_step):
                 t0 = time.perf_counter()
                 lr = learning_rate(step, plan, tc)
@@ -820,7 +823,7 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
                 if stopping:
                     state.stopped_by = "SIGTERM" if sigterm > 0 else "SIGINT"
                     console.print(f"{state.stopped_by}: stopped after step {state.step}, "
-                                  f"checkpoint {state.checkpoint}; resume with: caracal train --resume {run_dir}")
+                                  f"checkpoint {state.checkpoint}; resume with: {job.resume_command}")
                     break
             # the end (reached now, or earlier by a run killed before its final validation): validate and save
             if state.stopped_by is None and (state.step > start_step or state.step == end_step):
@@ -842,7 +845,7 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
             save(state.loss)
         saved = f"saved step {state.step}: {state.checkpoint}" if state.checkpoint else "no step completed"
         console.print(f"SIGINT: stopped during step {state.step + 1}; {saved}"
-                      + (f"; resume with: caracal train --resume {run_dir}" if state.checkpoint else ""))
+                      + (f"; resume with: {job.resume_command}" if state.checkpoint else ""))
     finally:
         console.close()
     session = time.perf_counter() - session_start

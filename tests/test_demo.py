@@ -41,10 +41,16 @@ def test_an_interrupted_demo_reports_it_and_exits_130(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "prepare_shakespeare",
                         lambda out, **_: types.SimpleNamespace(manifest=load_manifest(data)))
     monkeypatch.setattr(train_module, "evaluate_val_loss", lambda *args, **kwargs: 8.0)
-    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: {"stopped_by": "SIGINT", "step": 3,
-                                                                         "checkpoint": None})
+    asked = {}
+
+    def stopped(*args, **kwargs):
+        asked.update(kwargs)
+        return {"stopped_by": "SIGINT", "step": 3, "checkpoint": None}
+
+    monkeypatch.setattr(train_module, "train", stopped)
     summary = demo.run_demo(tmp_path / "demo", steps=10, device="cpu", say=lambda line: None)
     assert summary["stopped_by"] == "SIGINT" and summary["steps"] == 3 and "eval" not in summary
+    assert "caracal demo" in asked["resume_command"]  # the trainer's own hint would skip the evaluation
     monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: summary)
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--device", "cpu"])
     assert result.exit_code == 130
