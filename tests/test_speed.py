@@ -309,16 +309,21 @@ def test_a_cpu_sweep_without_options_is_bounded_and_a_step_that_cannot_fit_is_re
         speed.parse_settings(device="cpu", size="large", lengths="16384", tokens_per_step=1 << 22)
 
 
-def test_speed_json_is_rewritten_after_every_point(tmp_path, monkeypatch):
-    measured, measure = [], speed.measure_point
+def ctrl_c_at_the_second_point(monkeypatch, measure_name: str) -> None:
+    """Raise KeyboardInterrupt, as Ctrl-C would, when speed's `measure_name` is called the second time."""
+    measured, measure = [], getattr(speed, measure_name)
 
     def stop_at_the_second_point(*args):
         if measured:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the first model
+            raise KeyboardInterrupt
         measured.append(args)
         return measure(*args)
 
-    monkeypatch.setattr(speed, "measure_point", stop_at_the_second_point)
+    monkeypatch.setattr(speed, measure_name, stop_at_the_second_point)
+
+
+def test_speed_json_is_rewritten_after_every_point(tmp_path, monkeypatch):
+    ctrl_c_at_the_second_point(monkeypatch, "measure_point")  # in the middle of the first model
     runner.invoke(app, ["speed", "--size", "demo", "--lengths", "64,128", "--tokens-per-step", "128", "--repeats",
                         "1", "--warmup", "0", "--models", "caracal", "--mode", "prefill", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "speed.json").read_text())
@@ -326,15 +331,7 @@ def test_speed_json_is_rewritten_after_every_point(tmp_path, monkeypatch):
 
 
 def test_a_mixers_sweep_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
-    measured, measure = [], speed._mixer_point
-
-    def stop_at_the_second_point(*args):
-        if measured:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the first mixer
-        measured.append(args)
-        return measure(*args)
-
-    monkeypatch.setattr(speed, "_mixer_point", stop_at_the_second_point)
+    ctrl_c_at_the_second_point(monkeypatch, "_mixer_point")  # in the middle of the first mixer
     result = runner.invoke(app, ["speed", "--mixers", "--size", "demo", "--lengths", "32,64", "--tokens-per-step",
                                  "128", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     assert result.exit_code == 130 and "Traceback" not in result.output
