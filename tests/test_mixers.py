@@ -116,6 +116,32 @@ def test_fft_convolution_equals_direct_convolution(length):
     torch.testing.assert_close(causal_fft_conv(v, g), direct_causal_conv(v, g), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("length", [1, 2, 7, 33])
+def test_fft_convolution_gradients_equal_direct_convolution(length):
+    # The reference's backward is written out (correlations by FFT): each gradient against autograd through
+    # the O(L²) oracle, then gradcheck; the result is a contiguous [B, L, D] tensor.
+    v, g = (torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dy = torch.randn(2, length, 5, dtype=torch.float64)
+    y = causal_fft_conv(v, g)
+    assert y.is_contiguous()
+    got = torch.autograd.grad(y, (v, g), dy)
+    want = torch.autograd.grad(direct_causal_conv(v, g), (v, g), dy)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(causal_fft_conv, (v, g))
+    (dg_only,) = torch.autograd.grad(causal_fft_conv(v.detach(), g), g, dy)  # one input needing a gradient
+    torch.testing.assert_close(dg_only, want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_fft_convolution_gradients_keep_each_inputs_dtype():
+    v = torch.randn(2, 16, 4, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 16, 4, dtype=torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = causal_fft_conv(v, g)
+    y.float().sum().backward()
+    assert (y.dtype, v.grad.dtype, g.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+
+
 def test_fft_convolution_float32_and_bf16_inputs():
     v, g = torch.randn(2, 64, 8, dtype=torch.float64), torch.randn(2, 64, 8, dtype=torch.float64)
     exact = direct_causal_conv(v, g)

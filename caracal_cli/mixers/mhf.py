@@ -37,16 +37,62 @@ def causal_fft_conv_reference(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The exact reference of `causal_fft_conv` on every device.
 
     Runs in float32 (float64 for float64 inputs) whatever the autocast state: bf16 FFTs lose too much over
-    L terms. The transform runs along the last axis of a [B, D, L] view, which cuFFT handles much faster than
-    a strided axis.
+    L terms. The transforms run along the last axis of [B, D, 2L] buffers, which cuFFT handles much faster than
+    a strided axis; see `_FFTConv` for the layout work around them.
     """
-    L = v.shape[1]
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    with autocast_off(v.device):
-        vf = torch.fft.rfft(v.transpose(1, 2).to(work), n=2 * L)  # [B, D, L+1] complex
-        gf = torch.fft.rfft(g.transpose(1, 2).to(work), n=2 * L)
-        y = torch.fft.irfft(vf * gf, n=2 * L)[..., :L]  # truncation drops the wrapped-around (future) terms
-    return y.transpose(1, 2).to(v.dtype)
+    return _FFTConv.apply(v, g)
+
+
+def _padded_channels_last(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """x [B, L, D] as a zero-padded [B, D, 2L] buffer in `work`: the transpose, the cast and the padding in one
+    copy (rfft's own n=2L padding, applied to a transposed view, copied the whole signal once more)."""
+    B, L, D = x.shape
+    out = torch.empty(B, D, 2 * L, device=x.device, dtype=work)
+    out[..., :L].copy_(x.transpose(1, 2))
+    out[..., L:].zero_()
+    return out
+
+
+def _truncated_rows(y: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first L positions of a [B, D, 2L] buffer as a contiguous [B, L, D] tensor in `dtype`, in one copy (a
+    transposed view would make every elementwise kernel after it a strided, unvectorised one)."""
+    B, D = y.shape[:2]
+    out = torch.empty(B, L, D, device=y.device, dtype=dtype)
+    out.transpose(1, 2).copy_(y[..., :L])
+    return out
+
+
+class _FFTConv(torch.autograd.Function):
+    """y = TRUNCATE_L(iFFT(FFT(PAD_2L(v)) ⊙ FFT(PAD_2L(g)))) with an explicit backward: both gradients are
+    correlations with the incoming gradient, TRUNCATE_L(iFFT(FFT(PAD_2L(dy)) ⊙ conj(the other spectrum))), from
+    the two spectra the forward keeps (what autograd would keep), in three transforms and no layout copies
+    beyond one per tensor in and out. (With a 2L transform the circular terms of both fall past L: exact.)"""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        L = v.shape[1]
+        work = torch.float64 if v.dtype == torch.float64 else torch.float32
+        with autocast_off(v.device):
+            vf = torch.fft.rfft(_padded_channels_last(v, work))  # [B, D, L+1] complex
+            gf = torch.fft.rfft(_padded_channels_last(g, work))
+            y = torch.fft.irfft(vf * gf, n=2 * L)
+        ctx.save_for_backward(vf, gf)
+        ctx.dtypes = (v.dtype, g.dtype)
+        return _truncated_rows(y, L, v.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        vf, gf = ctx.saved_tensors
+        L = dy.shape[1]
+        with autocast_off(dy.device):
+            dyf = torch.fft.rfft(_padded_channels_last(dy, vf.real.dtype))
+            dv = dg = None
+            if ctx.needs_input_grad[0]:
+                dv = _truncated_rows(torch.fft.irfft(dyf * gf.conj(), n=2 * L), L, ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                dg = _truncated_rows(torch.fft.irfft(dyf * vf.conj(), n=2 * L), L, ctx.dtypes[1])
+        return dv, dg
 
 
 class CausalConv1d(nn.Module):
