@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -472,13 +473,18 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | Non
     if lm is None:
         lm = CaracalLM(checkpoint=str(ckpt), device=device, batch_size=batch_size)
 
-    from lm_eval import simple_evaluate
+    import lm_eval.evaluator
+    from unittest import mock
 
+    # lm-eval records `git describe` of the working directory and lets git print "fatal: not a git repository"
+    # to the terminal outside one: the same record, without the message.
+    quiet_git = mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", working_dir_git_hash, create=True)
     try:
-        results = simple_evaluate(model=lm, model_args=f"checkpoint={ckpt},batch_size={lm.batch_size}",
-                                  tasks=names, num_fewshot=num_fewshot, limit=limit, device=str(lm.device),
-                                  batch_size=lm.batch_size, bootstrap_iters=bootstrap_iters,
-                                  log_samples=log_samples, task_manager=manager)
+        with quiet_git:
+            results = lm_eval.evaluator.simple_evaluate(
+                model=lm, model_args=f"checkpoint={ckpt},batch_size={lm.batch_size}", tasks=names,
+                num_fewshot=num_fewshot, limit=limit, device=str(lm.device), batch_size=lm.batch_size,
+                bootstrap_iters=bootstrap_iters, log_samples=log_samples, task_manager=manager)
     except Exception as err:
         first = missing_dataset(err)
         if first is None:
@@ -493,6 +499,15 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | Iterable[str] | Non
     write_results(path, results)
     summary["results_path"] = str(path)
     return summary
+
+
+def working_dir_git_hash() -> str | None:
+    """`git describe --always` of the working directory, or None outside a repository (or without git)."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def check_limit(limit: float | None) -> float | None:

@@ -12,7 +12,7 @@
 #   MODELS="llama caracal swh" bash scripts/gpu_acceptance.sh decode   # the CUDA-graph decoding tests, then
 #                                           # decode points (eager, graph, compiled; batch 1 and 64) per model
 #   bash scripts/gpu_acceptance.sh long     # caracal (both FFT paths) vs llama at small, L = 32K … 128K, and
-#                                           # the bare convolution there
+#                                           # the bare convolution there (COMPILE=1: the models compiled)
 #   bash scripts/gpu_acceptance.sh mhf      # the fused MHF kernels: GPU tests, the module alone (composition /
 #                                           # auto / fast, eager and compiled), caracal vs llama vs the composition
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
@@ -125,9 +125,10 @@ long)
     # (fft_impl fast) and llama at small, 131,072 tokens per step (batch 1 at L = 131,072), one run; then the
     # bare convolution at those lengths.
     printf 'inherit: small\nmodel: {mixers: {F: {kind: mhf, fft_impl: fast}, A: {kind: attention, window: 256}}}\n' > "$WORK/caracal-fast.yaml"
+    # COMPILE=1: the same sweep with --compile (the torch.fft path stays eager inside the compiled model).
     step speed_long "${LIMIT:-300}" "${CARACAL[@]}" speed --size small --models "caracal,$WORK/caracal-fast.yaml,llama" \
         --lengths "${LENGTHS:-32768,65536,131072}" --tokens-per-step 131072 --repeats 3 --warmup 1 --no-isolate \
-        --out "$WORK/speed_long"
+        $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out "$WORK/speed_long"
     cp "$WORK/speed_long/speed.json" "$WORK/speed_long.json" 2>/dev/null
     step bench_long 150 env OUT="$WORK" python3 scripts/bench_fftconv.py --lengths 32768 131072 --mhf 32768 131072 \
         --budget-s 120

@@ -270,6 +270,21 @@ def test_cli_eval_with_include_path_prints_the_paper_table_and_writes_json(run_d
     assert set(summary["tasks"]) == {"tiny_mc"} and summary["average_over"] == ["tiny_mc"]
 
 
+def test_evaluation_outside_a_git_repository_prints_no_git_error(run_dir, task_dir, tmp_path, monkeypatch, capfd):
+    # lm-eval runs `git describe` in the working directory and let git's "fatal: not a git repository" through.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.json"
+    ev.evaluate_checkpoint(run_dir, ["tiny_mc"], include_path=task_dir, limit=2, device="cpu", bootstrap_iters=0,
+                           out=out)
+    assert "not a git repository" not in capfd.readouterr().err
+    assert json.loads(out.read_text())["git_hash"] is None
+    subprocess.run(["git", "init", "-q"], check=True)  # inside one, its commit is still recorded
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   check=True)
+    assert ev.working_dir_git_hash() == subprocess.run(["git", "describe", "--always"], capture_output=True,
+                                                       text=True, check=True).stdout.strip()
+
+
 def test_download_only_loads_the_tasks_without_a_checkpoint(task_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # --download-only goes online: restored afterwards
