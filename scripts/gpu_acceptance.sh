@@ -12,7 +12,8 @@
 #   MODELS="llama caracal swh" bash scripts/gpu_acceptance.sh decode   # the CUDA-graph decoding tests, then
 #                                           # decode points (eager, graph, compiled; batch 1 and 64) per model
 #   bash scripts/gpu_acceptance.sh long     # caracal (both FFT paths) vs llama at small, L = 32K … 128K, and
-#                                           # the bare convolution there (COMPILE=1: the models compiled)
+#                                           # the bare convolution there (COMPILE=1: the models compiled;
+#                                           # OTHER="DIR …": caracal from earlier trees first, the before)
 #   bash scripts/gpu_acceptance.sh mhf      # the fused MHF kernels: GPU tests, the module alone (composition /
 #                                           # auto / fast, eager and compiled), caracal vs llama vs the composition
 #   bash scripts/gpu_acceptance.sh train    # tiny vs llama-tiny on the same tokens, then a profile of each
@@ -126,13 +127,23 @@ long)
     # bare convolution at those lengths.
     printf 'inherit: small\nmodel: {mixers: {F: {kind: mhf, fft_impl: fast}, A: {kind: attention, window: 256}}}\n' > "$WORK/caracal-fast.yaml"
     # COMPILE=1: the same sweep with --compile (the torch.fft path stays eager inside the compiled model).
-    step speed_long "${LIMIT:-300}" "${CARACAL[@]}" speed --size small --models "caracal,$WORK/caracal-fast.yaml,llama" \
-        --lengths "${LENGTHS:-32768,65536,131072}" --tokens-per-step 131072 --repeats 3 --warmup 1 --no-isolate \
-        $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out "$WORK/speed_long"
+    # OTHER="DIR …": first, caracal alone from each of those trees (copies of earlier commits in carried, ignored
+    # folders: `git archive REV | tar -x -C .gpudata/before`), the "before" of the same call.
+    L_ARGS=(--size small --lengths "${LENGTHS:-32768,65536,131072}" --tokens-per-step 131072 --repeats 3 --warmup 1
+            --no-isolate $([ "${COMPILE:-0}" = 1 ] && echo --compile))
+    for dir in ${OTHER:-}; do
+        other=$(realpath "$dir") || exit 2
+        step "speed_long_$(basename "$other")" "${LIMIT:-300}" env -C "$other" PYTHONPATH="/tmp/site:$other" \
+            python3 -m caracal_cli speed "${L_ARGS[@]}" --models caracal --out "$WORK/speed_long_$(basename "$other")"
+        grep -E "train L=" "$WORK/speed_long_$(basename "$other").log" | sed "s/^/$(basename "$other"): /"
+    done
+    step speed_long "${LIMIT:-300}" "${CARACAL[@]}" speed "${L_ARGS[@]}" \
+        --models "caracal,$WORK/caracal-fast.yaml,llama" --out "$WORK/speed_long"
     cp "$WORK/speed_long/speed.json" "$WORK/speed_long.json" 2>/dev/null
     step bench_long 150 env OUT="$WORK" python3 scripts/bench_fftconv.py --lengths 32768 131072 --mhf 32768 131072 \
         --budget-s 120
-    collect "$WORK"/{speed_long,bench_long,status}.log "$WORK/speed_long.json" "$WORK/bench_fftconv.json"
+    collect "$WORK"/{speed_long,bench_long,status}.log "$WORK/speed_long.json" "$WORK/bench_fftconv.json" \
+        "$WORK"/speed_long_*.log
     grep -E "train L=|ratio" "$WORK/speed_long.log"
     tail -n 20 "$WORK/bench_long.log"
     ;;
