@@ -133,6 +133,18 @@ def test_fft_convolution_gradients_equal_direct_convolution(length):
     torch.testing.assert_close(dg_only, want[1], rtol=1e-12, atol=1e-12)
 
 
+def test_fft_convolution_with_a_filter_shared_across_the_batch():
+    # SWH passes its kernel as [1, L, D]: its gradient is summed over the batch, as through an expand.
+    v = torch.randn(3, 9, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 9, 4, dtype=torch.float64)
+    got = torch.autograd.grad(causal_fft_conv(v, k), (v, k), dy)
+    want = torch.autograd.grad(direct_causal_conv(v, k.expand(3, -1, -1)), (v, k), dy)
+    assert got[1].shape == (1, 9, 4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_fft_convolution_gradients_keep_each_inputs_dtype():
     v = torch.randn(2, 16, 4, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(2, 16, 4, dtype=torch.float32, requires_grad=True)

@@ -85,13 +85,17 @@ class _FFTConv(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         vf, gf = ctx.saved_tensors
         L = dy.shape[1]
+
+        def grad(other_f: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+            spectrum = dyf * other_f.conj()
+            if batch == 1 < spectrum.shape[0]:  # an input shared across the batch (SWH's filter): sum first
+                spectrum = spectrum.sum(0, keepdim=True)
+            return _truncated_rows(torch.fft.irfft(spectrum, n=2 * L), L, dtype)
+
         with autocast_off(dy.device):
             dyf = torch.fft.rfft(_padded_channels_last(dy, vf.real.dtype))
-            dv = dg = None
-            if ctx.needs_input_grad[0]:
-                dv = _truncated_rows(torch.fft.irfft(dyf * gf.conj(), n=2 * L), L, ctx.dtypes[0])
-            if ctx.needs_input_grad[1]:
-                dg = _truncated_rows(torch.fft.irfft(dyf * vf.conj(), n=2 * L), L, ctx.dtypes[1])
+            dv = grad(gf, vf.shape[0], ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            dg = grad(vf, gf.shape[0], ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return dv, dg
 
 
