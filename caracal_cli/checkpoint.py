@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from caracal_cli.config import CaracalError, Config, config_from_dict, read_yaml_mapping, warn
-from caracal_cli.fileio import UMASK, atomic_write, replace_dir, sha256_file, write_json
+from caracal_cli.fileio import UMASK, atomic_path, atomic_write, replace_dir, sha256_file, write_json
 from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
@@ -115,15 +115,18 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     try:
         os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700: a checkpoint is shared like the rest of the run
         try:
-            with atomic_write(tmp / WEIGHTS_FILE) as handle:
-                handle.write(save(weights))
+            with atomic_path(tmp / WEIGHTS_FILE) as path:
+                # streamed to the file: `save` built the whole file in memory first, 2.5-5x slower here
+                save_file(weights, str(path))
+                with open(path, "rb") as written:
+                    os.fsync(written.fileno())
             if trainer_state is not None:
                 with atomic_write(tmp / STATE_FILE) as handle:
                     # through Python's file, so a full disk is an OSError rather than a C++ iostream error
                     torch.save(trainer_state, handle)
             write_json(tmp / META_FILE, {"step": step, **meta, "checksums": CHECKSUMS_FILE})
             write_json(tmp / CHECKSUMS_FILE, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
-        except (OSError, RuntimeError) as err:
+        except (OSError, RuntimeError, SafetensorError) as err:
             raise CheckpointError(f"cannot write checkpoint {final} ({_write_error(err, root)})") from None
         replace_dir(tmp, final)
     except BaseException:

@@ -326,6 +326,23 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_directory(
     assert not list((run / "checkpoints").iterdir())
 
 
+def test_a_full_disk_while_writing_the_weights_is_one_line_too(data, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from caracal_cli import checkpoint as checkpoint_module
+
+    def full(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run),
+                                 "--device", "cpu", "--max-steps", "1", *tiny_args()])
+    one_line_error(result, f"cannot write checkpoint {run}/checkpoints/step_00000001 (Error while serializing")
+    assert not list((run / "checkpoints").iterdir())
+
+
 # --- 5, 9: resume is exact or says why not --------------------------------------------------------------
 def test_5_a_run_killed_before_its_final_validation_writes_it_on_resume(data, six_steps, tmp_path, monkeypatch):
     run, evaluate = tmp_path / "run", train_module.evaluate_val_loss
