@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from caracal_cli.config import CaracalError, Config, config_from_dict, read_yaml_mapping, warn
-from caracal_cli.fileio import UMASK, atomic_path, atomic_write, replace_dir, sha256_file, write_json
+from caracal_cli.fileio import UMASK, atomic_write, replace_dir, sha256_file, write_json, write_safetensors
 from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
@@ -115,11 +115,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     try:
         os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700: a checkpoint is shared like the rest of the run
         try:
-            with atomic_path(tmp / WEIGHTS_FILE) as path:
-                # streamed to the file: `save` built the whole file in memory first, 2.5-5x slower here
-                save_file(weights, str(path))
-                with open(path, "rb") as written:
-                    os.fsync(written.fileno())
+            write_safetensors(weights, tmp / WEIGHTS_FILE)  # tmp is the checkpoint's own temporary directory
             if trainer_state is not None:
                 with atomic_write(tmp / STATE_FILE) as handle:
                     # through Python's file, so a full disk is an OSError rather than a C++ iostream error
@@ -132,10 +128,17 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            _remove(old)
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int | None, spare: Path | None = None) -> None:
+    """Remove all but the newest `keep` checkpoints (None: keep all), never `spare` (the one a resume reads)."""
+    if keep is None:
+        return
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        if spare is None or old.resolve() != Path(spare).resolve():
+            _remove(old)
 
 
 def _remove(checkpoint: Path) -> None:

@@ -115,6 +115,17 @@ def write_report(report: Any, path: str | None, default_name: str) -> str | None
     return path
 
 
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file` (streamed to the file, where `save` builds it in memory first), with the
+    umask's permissions (it makes files 0600) and synced. Write into a temporary directory or name."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~UMASK)
+    with open(path, "rb") as written:
+        os.fsync(written.fileno())
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -33,7 +33,7 @@ from caracal_cli.checkpoint import (CONFIG_FILE, config_yaml, load_model, model_
                                     save_run_config)
 from caracal_cli.config import (CaracalError, Config, ModelConfig, apply_overrides, config_from_dict, from_dict,
                                 list_presets, load_preset)
-from caracal_cli.fileio import UMASK, replace_dir
+from caracal_cli.fileio import UMASK, replace_dir, write_safetensors
 from caracal_cli.mixers import mixer_config
 from caracal_cli.model import build_model, count_parameters, mlp_hidden
 from caracal_cli.tokenizer import EOT, TOKENIZER_FILE, HFTokenizer, Tokenizer
@@ -276,8 +276,6 @@ def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dic
         import transformers
     except ImportError:
         raise HFError("export --format hf needs transformers: pip install 'caracal[hf]'") from None
-    from safetensors.torch import save_file
-
     out = Path(out)
     model, config, tok, ckpt = load_model(path, "cpu")
     cfg = config.model
@@ -305,7 +303,7 @@ def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dic
     tmp = _fresh_out(out, overwrite, "export")
     try:
         hf_config.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tok), bos_token=_eot_token(tok),
                                                     eos_token=_eot_token(tok), model_max_length=cfg.context)
         fast.save_pretrained(tmp)

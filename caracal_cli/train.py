@@ -39,7 +39,7 @@ from caracal_cli import autobatch
 from caracal_cli.autobatch import AutoBatch
 from caracal_cli.checkpoint import (
     config_yaml, intact_checkpoint, latest_checkpoint, load_run_config, load_trainer_state, load_weights,
-    model_state, read_meta, remove_orphans, save_checkpoint, save_run_config,
+    model_state, prune_checkpoints, read_meta, remove_orphans, save_checkpoint, save_run_config,
 )
 from caracal_cli.config import CaracalError, Config, apply_overrides, config_from_dict, load_preset, warn
 from caracal_cli.device import AUTOCAST_DTYPES, resolve_device, to_device
@@ -640,6 +640,8 @@ def _run(job: Job, board: Loggers | None, console: Console) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_orphans(run_dir)  # a killed writer's temporary files and checkpoint directories
         if job.resume:
+            # a run killed between a checkpoint and the pruning after it (at its last step, no save would follow)
+            prune_checkpoints(run_dir, tc.keep_checkpoints, spare=checkpoint)
             check_same_data(run_dir, data_dir, manifest)  # refused before; here data.json follows a move
             metrics.truncate_after(state.step)
             if changes:

@@ -327,6 +327,7 @@ def test_export_stopped_by_sigterm_leaves_the_old_folder_and_no_temporary(runs, 
     out = tmp_path / "exported"
     assert runner.invoke(app, ["export", str(runs["llama"]), "--out", str(out)]).exit_code == 0
     assert out.stat().st_mode & 0o777 == 0o777 & ~UMASK
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~UMASK  # save_file alone makes 0600
     before = sorted(p.name for p in out.iterdir())
 
     def terminated(tmp, final):

@@ -327,15 +327,14 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_directory(
 
 
 def test_a_full_disk_while_writing_the_weights_is_one_line_too(data, tmp_path, monkeypatch):
+    import safetensors.torch
     from safetensors import SafetensorError
-
-    from caracal_cli import checkpoint as checkpoint_module
 
     def full(tensors, filename, *args, **kwargs):
         Path(filename).write_bytes(b"partial")
         raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
 
-    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", "--preset", "demo", "--data", str(data), "--out", str(run),
                                  "--device", "cpu", "--max-steps", "1", *tiny_args()])
@@ -363,6 +362,22 @@ def test_5_a_run_killed_before_its_final_validation_writes_it_on_resume(data, si
     assert vals[0]["val_loss"] == resumed["val_loss"] == reference[0]
     again = train(None, None, run, max_steps=4, resume=True, device="cpu", quiet=True)  # finished: nothing to do
     assert again["steps_run"] == 0 and len([r for r in read_metrics(run) if "val_loss" in r]) == 1
+
+
+def test_a_run_killed_before_pruning_its_last_checkpoints_prunes_them_on_resume(data, tmp_path, monkeypatch):
+    # Found by the fault-injection test: killed after its final checkpoint was in place but before the old ones
+    # were removed, a finished run kept one checkpoint too many for good (no later save prunes).
+    from caracal_cli import checkpoint as checkpoint_module
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(checkpoint_module, "_remove", lambda path: None)  # the kill: nothing pruned
+    train(config("train.checkpoint_every=1", "train.keep_checkpoints=2", "train.eval_every=100"), data, run,
+          max_steps=3, device="cpu", quiet=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (1, 2, 3)]
+    monkeypatch.undo()
+    resumed = train(None, None, run, max_steps=3, resume=True, device="cpu", quiet=True)
+    assert resumed["steps_run"] == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
 
 
 def other_tokenizer_dataset(data: Path, tmp_path: Path) -> Path:
