@@ -122,7 +122,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
                     torch.save(trainer_state, handle)
             write_json(tmp / META_FILE, {"step": step, **meta, "checksums": CHECKSUMS_FILE})
             write_json(tmp / CHECKSUMS_FILE, {p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
-        except (OSError, RuntimeError, SafetensorError) as err:
+        except (OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot write checkpoint {final} ({_write_error(err, root)})") from None
         replace_dir(tmp, final)
     except BaseException:

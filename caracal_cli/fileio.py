@@ -117,10 +117,15 @@ def write_report(report: Any, path: str | None, default_name: str) -> str | None
 
 def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file` (streamed to the file, where `save` builds it in memory first), with the
-    umask's permissions (it makes files 0600) and synced. Write into a temporary directory or name."""
+    umask's permissions (it makes files 0600) and synced; its write errors (a full disk) as OSError, like every
+    other file's. Write into a temporary directory or name."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        raise OSError(errno.EIO, str(err).splitlines()[0], str(path)) from None
     os.chmod(path, 0o666 & ~UMASK)
     with open(path, "rb") as written:
         os.fsync(written.fileno())

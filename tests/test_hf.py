@@ -315,6 +315,20 @@ def test_cli_export_and_import_refuse_bad_input_in_one_line(runs, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(runs, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    result = runner.invoke(app, ["export", str(runs["llama"]), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "model.safetensors: Error while serializing: I/O error: No space left on device" in result.output
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
+
+
 def test_export_stopped_by_sigterm_leaves_the_old_folder_and_no_temporary(runs, tmp_path, monkeypatch):
     """A SIGTERM while the new folder was being put in place left a hidden temporary folder the size of the
     model (nothing removed it); the command's cleanup runs now, and --overwrite keeps the old export whole.
