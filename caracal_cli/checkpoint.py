@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from caracal_cli.config import CaracalError, Config, config_from_dict, read_yaml_mapping, warn
-from caracal_cli.fileio import UMASK, atomic_write, replace_dir, sha256_file, write_json, write_safetensors
+from caracal_cli.fileio import (atomic_write, replace_dir, sha256_file, temp_dir_beside, write_json,
+                                write_safetensors)
 from caracal_cli.mixers import mixer_config
 
 CONFIG_FILE = "config.yaml"
@@ -111,9 +111,8 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = temp_dir_beside(final)  # shared like the rest of the run
     try:
-        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700: a checkpoint is shared like the rest of the run
         try:
             write_safetensors(weights, tmp / WEIGHTS_FILE)  # tmp is the checkpoint's own temporary directory
             if trainer_state is not None:

@@ -81,6 +81,18 @@ def signal_name(interrupt: KeyboardInterrupt) -> str:
     return "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT"
 
 
+def temp_dir_beside(final: Path, tag: str = "") -> Path:
+    """A new hidden directory beside `final` to build it in before `replace_dir` renames it into place, with the
+    umask's permissions (mkdtemp makes 0700, and the folder keeps them once renamed)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}", dir=final.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~UMASK)
+    except BaseException:
+        tmp.rmdir()
+        raise
+    return tmp
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Rename directory `tmp` to `final`. An existing `final` is renamed aside first and deleted only once the new
     one is in place, so an interruption leaves one of the two whole under `final` (at worst a hidden `.old`

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from caracal_cli.checkpoint import (CONFIG_FILE, config_yaml, load_model, model_
                                     save_run_config)
 from caracal_cli.config import (CaracalError, Config, ModelConfig, apply_overrides, config_from_dict, from_dict,
                                 list_presets, load_preset)
-from caracal_cli.fileio import UMASK, replace_dir, write_safetensors
+from caracal_cli.fileio import replace_dir, temp_dir_beside, write_safetensors
 from caracal_cli.mixers import mixer_config
 from caracal_cli.model import build_model, count_parameters, mlp_hidden
 from caracal_cli.tokenizer import EOT, TOKENIZER_FILE, HFTokenizer, Tokenizer
@@ -264,9 +262,7 @@ def _fresh_out(out: Path, overwrite: bool, what: str) -> Path:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise HFError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}.", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; the folder is renamed into place as it is
-    return tmp
+    return temp_dir_beside(out, f"{what}.")
 
 
 def export_hf(path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
