@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from caracal_cli.config import CaracalError, load_preset
-from caracal_cli.fileio import write_json
+from caracal_cli.fileio import stopping_signal, write_json
 
 RESULT_FILE = "ablation.json"
 
@@ -118,9 +117,8 @@ def _train_variant(config, overrides: list[str], preset: str, data: Path, run_di
         else:
             args += ["--preset", preset, "--data", str(data)] + [a for o in overrides for a in ("--set", o)]
         code = launch(torchrun_command(args, nproc_per_node))
-        signals = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM"}
-        if code in signals:  # the ranks saved a checkpoint and stopped
-            raise StudyStopped(signals[code], run_dir)
+        if stopping_signal(code):  # the ranks saved a checkpoint and stopped
+            raise StudyStopped(stopping_signal(code), run_dir)
         if code != 0:
             raise CaracalError(f"torchrun exited with status {code}")
         return

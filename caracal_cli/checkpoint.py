@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +142,9 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None, spare: Path | None 
 def _remove(checkpoint: Path) -> None:
     """Delete a checkpoint directory by first renaming it to a temporary name, so a kill midway leaves an
     orphan for `remove_orphans`, never a half-deleted checkpoint under its own name."""
-    doomed = Path(tempfile.mkdtemp(prefix=f".{checkpoint.name}.", suffix=".old", dir=checkpoint.parent))
-    checkpoint.rename(doomed / checkpoint.name)
-    shutil.rmtree(doomed, ignore_errors=True)
+    from caracal_cli.fileio import set_aside
+
+    shutil.rmtree(set_aside(checkpoint), ignore_errors=True)
 
 
 def _write_error(err: Exception, root: Path) -> str:

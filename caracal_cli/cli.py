@@ -58,9 +58,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import signal
-
-        from caracal_cli.fileio import describe_os_error, sigterm_as_interrupt, signal_name
+        from caracal_cli.fileio import describe_os_error, exit_code, sigterm_as_interrupt, signal_name
 
         try:
             with sigterm_as_interrupt():
@@ -73,7 +71,7 @@ def user_errors(fn):
             name = signal_name(err)
             err_console.print(f"{command} interrupted ({name}): run the same command again to resume or redo it",
                               highlight=False, soft_wrap=True)
-            raise typer.Exit(128 + getattr(signal, name)) from None
+            raise typer.Exit(exit_code(name)) from None
 
     return wrapper
 
@@ -413,7 +411,7 @@ def train(
       caracal train --preset demo --data data/shakespeare --threads 2
       caracal train --resume runs/tiny-20260101-120000 --set train.tokens=20000000000
     """
-    import signal
+    from caracal_cli.fileio import exit_code
 
     if peak_flops is not None and not 0 < peak_flops < float("inf"):  # NaN too: MFU would be logged as NaN
         raise UserError(f"--peak-flops must be a positive number of FLOP/s, got {peak_flops}")
@@ -468,7 +466,7 @@ def train(
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it once
             raise typer.Exit(1) from None
         raise
-    code = 128 + getattr(signal, result["stopped_by"]) if result["stopped_by"] else 0
+    code = exit_code(result["stopped_by"]) if result["stopped_by"] else 0
     if os.environ.get("RANK", "0") == "0" and result["steps_run"]:
         from caracal_cli.runs import summary_lines
 
@@ -851,9 +849,8 @@ def ablate(
     \b
     Example: caracal ablate --study ratio --size demo --data data/shakespeare --steps 200
     """
-    import signal
-
     from caracal_cli.ablate import StudyStopped, run_studies, table_rows
+    from caracal_cli.fileio import exit_code
 
     def progress(chosen, row):
         state = "failed: " + row["error"] if "error" in row else (
@@ -869,7 +866,7 @@ def ablate(
         err_console.print(f"ablate stopped ({stop.signal_name}) while training {stop.run_dir}: its checkpoint is "
                           "saved; run the same command again to resume it and the variants after it",
                           highlight=False, soft_wrap=True)
-        raise typer.Exit(128 + getattr(signal, stop.signal_name)) from None
+        raise typer.Exit(exit_code(stop.signal_name)) from None
     if as_json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -909,7 +906,7 @@ def demo(
       caracal demo
       caracal demo --steps 100 --threads 1 --out runs/demo-short
     """
-    import signal
+    from caracal_cli.fileio import exit_code
 
     check_preset("demo", overrides)  # before torch loads: a typo is reported at once
     set_threads(threads)
@@ -930,7 +927,7 @@ def demo(
                           f"run the same command again to resume", highlight=False, soft_wrap=True)
         if as_json:
             print(json.dumps(summary, indent=2, default=str))
-        raise typer.Exit(128 + getattr(signal, summary["stopped_by"]))
+        raise typer.Exit(exit_code(summary["stopped_by"]))
     console.print(summary["sample"], style="italic", highlight=False, markup=False)
     table = Table(title="Demo results", show_header=False)
     table.add_column("what", style="bold")

@@ -81,6 +81,43 @@ def signal_name(interrupt: KeyboardInterrupt) -> str:
     return "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT"
 
 
+def exit_code(name: str) -> int:
+    """The shell's exit status of a process stopped by signal `name` ("SIGINT": 130, "SIGTERM": 143)."""
+    import signal
+
+    return 128 + getattr(signal, name)
+
+
+def stopping_signal(code: int) -> str | None:
+    """The inverse of `exit_code` for the two signals a run stops on and saves (a child's exit status)."""
+    return {exit_code(name): name for name in ("SIGINT", "SIGTERM")}.get(code)
+
+
+def end_with_parent(parent: int, libc=None) -> None:
+    """In a child process: be killed when the parent `parent` ends, however it ends (kill -9 included); exit now
+    if it already has. `libc` loaded beforehand where nothing may be imported (between fork and exec). Linux only
+    (a no-op elsewhere)."""
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    if libc is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that
+        os._exit(1)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename `path` into a new hidden `.old` folder beside it and return that folder: a directory about to be
+    deleted or replaced leaves its name at once, and a kill midway leaves a hidden orphan, never half of it."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    path.rename(aside / path.name)
+    return aside
+
+
 def temp_dir_beside(final: Path, tag: str = "") -> Path:
     """A new hidden directory beside `final` to build it in before `replace_dir` renames it into place, with the
     umask's permissions (mkdtemp makes 0700, and the folder keeps them once renamed)."""
@@ -100,8 +137,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if not final.exists():
         tmp.rename(final)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-    final.rename(aside / final.name)
+    aside = set_aside(final)
     try:
         tmp.rename(final)
     except BaseException:

@@ -32,7 +32,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +48,7 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from caracal_cli.fileio import LOCK_FILE, DirectoryLock, check_not_being_written, sha256_file
+from caracal_cli.fileio import LOCK_FILE, DirectoryLock, check_not_being_written, end_with_parent, sha256_file
 from caracal_cli.shards import (DTYPES, MANIFEST, MANIFEST_FORMAT, ShardError, check_vocab_fits, load_manifest,
                                 save_manifest, shard_max_id, shard_name, verify_dataset, version_for_vocab,
                                 write_shard)
@@ -519,12 +518,7 @@ def _start_worker(tokenizer: Tokenizer, parent: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` would start a thread per core in every process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: the parent stops us
     _worker["tokenizer"] = tokenizer
-    if sys.platform.startswith("linux"):  # end with the parent however it ends (kill -9 included)
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before that
-        os._exit(1)
+    end_with_parent(parent)
 
 
 def _encode_in_worker(texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:

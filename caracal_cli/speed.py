@@ -44,7 +44,7 @@ from caracal_cli import __version__
 from caracal_cli.checkpoint import CONFIG_FILE
 from caracal_cli.config import CaracalError, ConfigError, list_presets, load_preset, parse_override
 from caracal_cli.device import AUTOCAST_DTYPES, resolve_device
-from caracal_cli.fileio import atomic_path, sigterm_as_interrupt, signal_name, write_json
+from caracal_cli.fileio import atomic_path, end_with_parent, sigterm_as_interrupt, signal_name, write_json
 from caracal_cli.generate import DECODE_IMPLS
 from caracal_cli.mixers import MIXERS, build_mixer
 from caracal_cli.mixers.mhf import causal_fft_conv
@@ -675,20 +675,13 @@ def _with_child(report: dict, name: str, sub: dict) -> dict:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that ends the child with this process however it ends (kill -9 included), as
-    `prepare._start_worker` does for its workers; None off Linux."""
+    """A preexec_fn that ends the child with this process however it ends (kill -9 included); None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     libc, parent = ctypes.CDLL(None), os.getpid()  # loaded here: nothing should be imported between fork and exec
-
-    def preexec():
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before that
-            os._exit(1)
-
-    return preexec
+    return lambda: end_with_parent(parent, libc)
 
 
 def _end_child(proc: subprocess.Popen, grace: float = 10.0) -> None:
