@@ -54,11 +54,12 @@ def _padded_channels_last(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
 
 
 def _truncated_rows(y: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
-    """The first L positions of a [B, D, 2L] buffer as a contiguous [B, L, D] tensor in `dtype`, in one copy (a
-    transposed view would make every elementwise kernel after it a strided, unvectorised one)."""
+    """The first L positions of an unnormalised inverse transform's [B, D, 2L] buffer, divided by its 2L points,
+    as a contiguous [B, L, D] tensor in `dtype`, in one pass (a transposed view would make every elementwise
+    kernel after it a strided, unvectorised one; irfft's own 1/n would be a pass over all 2L positions)."""
     B, D = y.shape[:2]
     out = torch.empty(B, L, D, device=y.device, dtype=dtype)
-    out.transpose(1, 2).copy_(y[..., :L])
+    torch.mul(y[..., :L], 1 / (2 * L), out=out.transpose(1, 2))
     return out
 
 
@@ -75,7 +76,7 @@ class _FFTConv(torch.autograd.Function):
         with autocast_off(v.device):
             vf = torch.fft.rfft(_padded_channels_last(v, work))  # [B, D, L+1] complex
             gf = torch.fft.rfft(_padded_channels_last(g, work))
-            y = torch.fft.irfft(vf * gf, n=2 * L)
+            y = torch.fft.irfft(vf * gf, n=2 * L, norm="forward")  # unnormalised: _truncated_rows divides
         ctx.save_for_backward(vf, gf)
         ctx.dtypes = (v.dtype, g.dtype)
         return _truncated_rows(y, L, v.dtype)
@@ -90,7 +91,7 @@ class _FFTConv(torch.autograd.Function):
             spectrum = dyf * other_f.conj()
             if batch == 1 < spectrum.shape[0]:  # an input shared across the batch (SWH's filter): sum first
                 spectrum = spectrum.sum(0, keepdim=True)
-            return _truncated_rows(torch.fft.irfft(spectrum, n=2 * L), L, dtype)
+            return _truncated_rows(torch.fft.irfft(spectrum, n=2 * L, norm="forward"), L, dtype)
 
         with autocast_off(dy.device):
             dyf = torch.fft.rfft(_padded_channels_last(dy, vf.real.dtype))
