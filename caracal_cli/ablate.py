@@ -117,8 +117,8 @@ def _train_variant(config, overrides: list[str], preset: str, data: Path, run_di
         else:
             args += ["--preset", preset, "--data", str(data)] + [a for o in overrides for a in ("--set", o)]
         code = launch(torchrun_command(args, nproc_per_node))
-        if stopping_signal(code):  # the ranks saved a checkpoint and stopped
-            raise StudyStopped(stopping_signal(code), run_dir)
+        if (stopped_by := stopping_signal(code)) is not None:  # the ranks saved a checkpoint and stopped
+            raise StudyStopped(stopped_by, run_dir)
         if code != 0:
             raise CaracalError(f"torchrun exited with status {code}")
         return

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from caracal_cli.config import CaracalError, Config, config_from_dict, read_yaml_mapping, warn
-from caracal_cli.fileio import (atomic_write, replace_dir, sha256_file, temp_dir_beside, write_json,
+from caracal_cli.fileio import (atomic_write, replace_dir, set_aside, sha256_file, temp_dir_beside, write_json,
                                 write_safetensors)
 from caracal_cli.mixers import mixer_config
 
@@ -142,8 +142,6 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None, spare: Path | None 
 def _remove(checkpoint: Path) -> None:
     """Delete a checkpoint directory by first renaming it to a temporary name, so a kill midway leaves an
     orphan for `remove_orphans`, never a half-deleted checkpoint under its own name."""
-    from caracal_cli.fileio import set_aside
-
     shutil.rmtree(set_aside(checkpoint), ignore_errors=True)
 
 
