@@ -43,7 +43,7 @@ def causal_fft_conv_reference(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _FFTConv.apply(v, g)
 
 
-def _padded_channels_last(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+def _padded_positions_last(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """x [B, L, D] as a zero-padded [B, D, 2L] buffer in `work`: the transpose, the cast and the padding in one
     copy (rfft's own n=2L padding, applied to a transposed view, copied the whole signal once more)."""
     B, L, D = x.shape
@@ -74,8 +74,8 @@ class _FFTConv(torch.autograd.Function):
         L = v.shape[1]
         work = torch.float64 if v.dtype == torch.float64 else torch.float32
         with autocast_off(v.device):
-            vf = torch.fft.rfft(_padded_channels_last(v, work))  # [B, D, L+1] complex
-            gf = torch.fft.rfft(_padded_channels_last(g, work))
+            vf = torch.fft.rfft(_padded_positions_last(v, work))  # [B, D, L+1] complex
+            gf = torch.fft.rfft(_padded_positions_last(g, work))
             y = torch.fft.irfft(vf * gf, n=2 * L, norm="forward")  # unnormalised: _truncated_rows divides
         ctx.save_for_backward(vf, gf)
         ctx.dtypes = (v.dtype, g.dtype)
@@ -94,7 +94,7 @@ class _FFTConv(torch.autograd.Function):
             return _truncated_rows(torch.fft.irfft(spectrum, n=2 * L, norm="forward"), L, dtype)
 
         with autocast_off(dy.device):
-            dyf = torch.fft.rfft(_padded_channels_last(dy, vf.real.dtype))
+            dyf = torch.fft.rfft(_padded_positions_last(dy, vf.real.dtype))
             dv = grad(gf, vf.shape[0], ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
             dg = grad(vf, gf.shape[0], ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return dv, dg
